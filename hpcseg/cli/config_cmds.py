@@ -1,0 +1,229 @@
+"""``hpcseg config …``, ``hpcseg trust`` and ``hpcseg templates …``."""
+
+from __future__ import annotations
+
+import shlex
+
+import click
+
+from ..config import Profile, config_path, profile_from_dict, set_value
+from ..errors import ConfigError, HpcsegError, UnknownHostKey
+from . import main
+from .common import Ctx, emit_json, json_option, pass_ctx
+
+
+@main.group()
+def config() -> None:
+    """Create, show, change and check profiles (one TOML file shared with the Slicer plugin)."""
+
+
+@config.command("init")
+@click.option("--host", help="Login node: a host name or a ~/.ssh/config alias.")
+@click.option("--scheduler", type=click.Choice(["slurm", "pbs", "local"]), default="slurm", show_default=True)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any other profile key (repeatable).")
+@click.option("--default/--no-default", "make_default", default=True, show_default=True,
+              help="Make this the default profile.")
+@click.option("--force", is_flag=True, help="Replace an existing profile of that name.")
+@pass_ctx
+def config_init(ctx: Ctx, host: str | None, scheduler: str, sets: tuple[str, ...], make_default: bool,
+                force: bool) -> None:
+    """Create a profile (named by --profile, default `default`) in the config file.
+
+    \b
+    Example:
+      hpcseg -p karolina config init --host karolina --scheduler slurm \\
+          --set account=OPEN-12-34 --set partition=qgpu --set container_runtime=apptainer \\
+          --set image=/scratch/project/hpcseg/hpcseg-server.sif
+    """
+    cfg = ctx.config
+    name = ctx.profile_name or "default"
+    if name in cfg.profiles and not force:
+        raise ConfigError(f"profile {name!r} exists in {cfg.path}", hint="use --force to replace it, or config set")
+    if scheduler != "local" and not host:
+        host = click.prompt("Login node (host name or ~/.ssh/config alias)")
+    data: dict = {"scheduler": scheduler}
+    if host:
+        data["host"] = host
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        data[key.strip()] = value
+    prof = profile_from_dict(name, {k: v for k, v in data.items()})
+    for key in ("gpus", "cpus", "port", "idle_timeout"):  # command-line strings for int keys
+        if key in data and isinstance(data[key], str):
+            prof = set_value(prof, key, data[key])
+    cfg.set_profile(prof, make_default=make_default)
+    path = cfg.save()
+    click.echo(f"profile {name!r} written to {path}" + (" (default)" if cfg.default == name else ""))
+    if scheduler != "local":
+        click.echo(f"next: hpcseg -p {name} config check")
+
+
+@config.command("show")
+@json_option
+@pass_ctx
+def config_show(ctx: Ctx, as_json: bool) -> None:
+    """Show the profile in use (and where the config file is)."""
+    prof = ctx.profile
+    data = {"config_file": str(ctx.config.path or config_path()), "default": ctx.config.default,
+            "profiles": sorted(ctx.config.profiles), "profile": prof.name, **prof.to_dict()}
+    if as_json:
+        emit_json(data)
+        return
+    click.echo(f"# {data['config_file']}  (profiles: {', '.join(data['profiles']) or 'none'}; "
+               f"default: {data['default'] or 'local'})")
+    click.echo(f"[profiles.{prof.name}]")
+    for k, v in prof.to_dict().items():
+        click.echo(f"{k} = {v!r}")
+
+
+@config.command("set")
+@click.argument("key")
+@click.argument("value")
+@pass_ctx
+def config_set(ctx: Ctx, key: str, value: str) -> None:
+    """Set one KEY of the profile to VALUE (lists: comma-separated; empty string unsets)."""
+    cfg = ctx.config
+    name = ctx.profile_name or cfg.default
+    if not name or name not in cfg.profiles:
+        raise ConfigError(f"no profile {name or '(default)'!r} to change in {cfg.path}",
+                          hint="create one first: hpcseg -p NAME config init")
+    cfg.set_profile(set_value(cfg.profiles[name], key, value))
+    cfg.save()
+    click.echo(f"profiles.{name}.{key} = {getattr(cfg.profiles[name], key)!r}")
+
+
+def run_checks(prof: Profile) -> list[dict]:
+    """Connect and check the scheduler commands, the partition, the work dir, the image: ok or a fix each."""
+    from ..jobs import JobManager
+
+    checks: list[dict] = []
+
+    def add(what: str, ok: bool, detail: str = "", fix: str = "") -> None:
+        checks.append({"check": what, "ok": ok, "detail": detail, "fix": fix})
+
+    try:
+        prof.validate()
+        add("profile values", True)
+    except ConfigError as exc:
+        add("profile values", False, exc.message, exc.hint or "")
+        return checks
+    jm = JobManager(prof)
+    try:
+        home = jm.shell.home()
+        add("connect", True, f"{jm.shell.name} (home {home})")
+    except HpcsegError as exc:
+        add("connect", False, exc.message, exc.hint or "")
+        return checks
+    for what, cmd in jm.scheduler.check_commands(prof.partition):
+        res = jm.shell.run(list(cmd.argv), timeout=30)
+        add(what, res.ok and bool(res.stdout.strip()) or res.ok, (res.stdout or res.stderr).strip()[:200],
+            "" if res.ok else f"`{res.command}` failed: ask your admins, or check scheduler/partition in the profile")
+    wd = jm.work_dir()
+    res = jm.shell.run(f"mkdir -p {shlex.quote(wd)} && test -w {shlex.quote(wd)}")
+    add("work dir", res.ok, wd, "" if res.ok else f"set work_dir to a writable folder (now {prof.work_dir})")
+    if prof.container_runtime != "none":
+        res = jm.shell.run(["sh", "-c", 'command -v "$1" && test -r "$2"', "sh", prof.container_runtime,
+                            jm.abs_path(prof.image or "")])
+        add("container", res.ok, f"{prof.container_runtime} {prof.image}",
+            "" if res.ok else f"install/load {prof.container_runtime} (modules = [...]) and check image path")
+    else:
+        py = prof.python
+        activate = f". {shlex.quote(jm.abs_path(prof.venv))}/bin/activate && " if prof.venv else ""
+        probe = "import hpcseg, sys; print(hpcseg.__version__, sys.version.split()[0])"
+        res = jm.shell.run(f"{activate}{shlex.quote(py)} -c {shlex.quote(probe)}")
+        add("python + hpcseg on the cluster", res.ok, (res.stdout or res.stderr).strip()[-200:],
+            "" if res.ok else "set python/venv to an environment with hpcseg[server] installed, or use a container")
+    return checks
+
+
+@config.command("check")
+@json_option
+@pass_ctx
+def config_check(ctx: Ctx, as_json: bool) -> None:
+    """Connect, find the scheduler commands, the partition, the work dir and the image; say what to fix."""
+    checks = run_checks(ctx.profile)
+    if as_json:
+        emit_json(checks)
+    else:
+        for c in checks:
+            mark = click.style("ok  ", fg="green") if c["ok"] else click.style("FIX ", fg="red")
+            click.echo(f"{mark} {c['check']}: {c['detail']}")
+            if not c["ok"] and c["fix"]:
+                click.echo(f"     -> {c['fix']}")
+    if not all(c["ok"] for c in checks):
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("host")
+@click.option("--port", type=int, help="SSH port (default: from ~/.ssh/config, else 22).")
+@click.option("--fingerprint", metavar="SHA256:…", help="Trust only if the key has this fingerprint (no prompt).")
+@click.option("--yes", is_flag=True, help="Trust without asking (only if you checked the fingerprint elsewhere).")
+def trust(host: str, port: int | None, fingerprint: str | None, yes: bool) -> None:
+    """Record HOST's SSH host key in hpcseg's known_hosts after you check its fingerprint."""
+    from ..ssh import fetch_host_key, trust_host_key
+    from ..ssh import fingerprint as fp_of
+
+    target, key = fetch_host_key(host, port)
+    fp = fp_of(key)
+    click.echo(f"{target.hostname}:{target.port} offers {key.get_name()} {fp}")
+    if fingerprint:
+        if fingerprint.strip() != fp:
+            raise UnknownHostKey(f"the key's fingerprint {fp} is not the expected {fingerprint}: not trusted",
+                                 host=target.hostname, fingerprint=fp)
+    elif not yes and not click.confirm("Does this match the fingerprint your cluster publishes?"):
+        raise SystemExit(1)
+    path = trust_host_key(target, key)
+    click.echo(f"trusted: added to {path}")
+
+
+@main.group()
+def templates() -> None:
+    """List, show and validate job templates (site > user > built-in)."""
+
+
+def _engine(ctx: Ctx):
+    from ..templates import TemplateEngine
+
+    return TemplateEngine(site_dir=ctx.profile.template_dir)
+
+
+@templates.command("list")
+@json_option
+@pass_ctx
+def templates_list(ctx: Ctx, as_json: bool) -> None:
+    """The templates hpcseg can submit, and where each comes from."""
+    infos = _engine(ctx).list()
+    if as_json:
+        emit_json([{"name": i.name, "origin": i.origin, "path": str(i.path), "description": i.description}
+                   for i in infos])
+        return
+    for i in infos:
+        click.echo(f"{i.name:<16} {i.origin:<8} {i.description}")
+
+
+@templates.command("show")
+@click.argument("name")
+@pass_ctx
+def templates_show(ctx: Ctx, name: str) -> None:
+    """Print a template's source."""
+    click.echo(_engine(ctx).source(name), nl=False)
+
+
+@templates.command("validate")
+@click.argument("names", nargs=-1)
+@pass_ctx
+def templates_validate(ctx: Ctx, names: tuple[str, ...]) -> None:
+    """Render with sample values for each scheduler and run `bash -n` on the result."""
+    eng = _engine(ctx)
+    bad = 0
+    for name in names or [i.name for i in eng.list()]:
+        problems = eng.validate(name)
+        click.echo(f"{'ok ' if not problems else 'BAD'} {name}")
+        for p in problems:
+            click.echo(f"    {p}")
+        bad += bool(problems)
+    if bad:
+        raise SystemExit(1)

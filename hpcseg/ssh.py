@@ -1,0 +1,443 @@
+"""SSHShell: one verified, authenticated SSH connection per profile that carries everything.
+
+Commands, file transfer (scp) and tunnels (direct-tcpip channels, see :mod:`hpcseg.tunnel`) all ride one paramiko
+``Transport``, opened lazily on first use, so a person types a one-time code at most once per session.
+
+What it does on purpose:
+
+- honours ``~/.ssh/config`` (HostName, User, Port, IdentityFile, ProxyJump) through :class:`paramiko.SSHConfig`;
+- verifies the host key against ``~/.ssh/known_hosts``, hpcseg's own file (hosts trusted with ``hpcseg trust``) and
+  the profile's ``known_hosts``: an unknown key is refused with its SHA256 fingerprint and the command that trusts
+  it, a changed key is refused loudly (never paramiko's AutoAddPolicy);
+- sets TCP_NODELAY (paramiko never does: without it every request/response waits ~40 ms for Nagle) and prefers
+  AES-GCM (about twice paramiko's default aes128-ctr throughput; see shared notes on transport figures);
+- auth: agent keys, identity files (passphrase asked at a terminal), then keyboard-interactive for one-time codes
+  when a person is at the terminal (also after a key was accepted with "partial success", as MFA sites do);
+- keepalive every 30 s; every connect, auth and command has a bounded time.
+
+Example::
+
+    with SSHShell(profile) as sh:
+        print(sh.run(["hostname"]).check().stdout)
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import hashlib
+import logging
+import os
+import posixpath
+import select
+import shlex
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+import platformdirs
+
+from .errors import AuthenticationFailed, ChangedHostKey, ConnectionFailed, TransferFailed, UnknownHostKey
+from .shell import Argv, Result, join
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+_GCM_FIRST = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr", "aes192-ctr")
+
+
+def hpcseg_known_hosts() -> Path:
+    """hpcseg's own known_hosts file (hosts trusted through ``hpcseg trust``)."""
+    env = os.environ.get("HPCSEG_KNOWN_HOSTS")
+    return Path(env) if env else Path(platformdirs.user_config_dir("hpcseg")) / "known_hosts"
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's ``SHA256:…`` fingerprint of a public key (as ``ssh-keygen -lf`` prints it)."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def known_hosts_name(host: str, port: int) -> str:
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+@dataclass
+class Target:
+    """Where to connect, after ~/.ssh/config and the profile are merged (profile wins)."""
+
+    alias: str
+    hostname: str
+    port: int
+    user: str
+    identity_files: list[str]
+    proxy_jump: str | None
+
+
+def resolve_target(host: str, *, user: str | None = None, port: int | None = None,
+                   identity_file: str | None = None, proxy_jump: str | None = None,
+                   ssh_config: Path | None = None) -> Target:
+    """Merge a host (maybe an alias) with ~/.ssh/config; explicit profile values win."""
+    cfg = paramiko.SSHConfig()
+    path = ssh_config or Path(os.environ.get("HPCSEG_SSH_CONFIG", "~/.ssh/config")).expanduser()
+    if path.exists():
+        cfg = paramiko.SSHConfig.from_path(str(path))
+    entry = cfg.lookup(host)
+    ids = [identity_file] if identity_file else list(entry.get("identityfile", []))
+    jump = proxy_jump or entry.get("proxyjump")
+    if jump and jump.lower() == "none":
+        jump = None
+    return Target(alias=host, hostname=entry.get("hostname", host), port=int(port or entry.get("port", 22)),
+                  user=user or entry.get("user") or getpass.getuser(),
+                  identity_files=[os.path.expanduser(p) for p in ids], proxy_jump=jump)
+
+
+def _tty_prompt(title: str, instructions: str, prompts: list[tuple[str, bool]]) -> list[str]:
+    """keyboard-interactive handler for a person at a terminal (one-time codes)."""
+    if title:
+        print(title, file=sys.stderr)
+    if instructions:
+        print(instructions, file=sys.stderr)
+    return [getpass.getpass(p) if not echo else input(p) for p, echo in prompts]
+
+
+class SSHShell:
+    """A :class:`~hpcseg.shell.Shell` on a remote login node, over one lazily opened connection."""
+
+    def __init__(self, host: str, *, user: str | None = None, port: int | None = None,
+                 identity_file: str | None = None, proxy_jump: str | None = None,
+                 known_hosts: list[str | os.PathLike] | None = None, interactive: bool | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT, keepalive: int = 30,
+                 prompt: Callable[[str, str, list[tuple[str, bool]]], list[str]] | None = None) -> None:
+        self.target = resolve_target(host, user=user, port=port, identity_file=identity_file,
+                                     proxy_jump=proxy_jump)
+        self.name = f"{self.target.user}@{self.target.alias}"
+        self._known_hosts = [Path("~/.ssh/known_hosts").expanduser(), hpcseg_known_hosts(),
+                             *(Path(p).expanduser() for p in known_hosts or [])]
+        self._interactive = sys.stdin.isatty() if interactive is None else interactive
+        self._timeout = connect_timeout
+        self._keepalive = keepalive
+        self._prompt = prompt or _tty_prompt
+        self._transport: paramiko.Transport | None = None
+        self._jump: SSHShell | None = None
+        self._lock = threading.RLock()
+        self._home: str | None = None
+        self._passphrases: dict[str, str] = {}
+
+    @classmethod
+    def from_profile(cls, profile, **kw) -> SSHShell:
+        return cls(profile.host, user=profile.user, port=profile.port, identity_file=profile.identity_file,
+                   proxy_jump=profile.proxy_jump, known_hosts=[profile.known_hosts] if profile.known_hosts else None,
+                   **kw)
+
+    # -- connection ---------------------------------------------------------------------------------------------
+    @property
+    def transport(self) -> paramiko.Transport:
+        """The live transport, connecting (or reconnecting after a drop, with the same credentials) if needed."""
+        with self._lock:
+            if self._transport is None or not self._transport.is_active():
+                if self._transport is not None:
+                    log.info("SSH connection to %s dropped; reconnecting", self.name)
+                    self._transport.close()
+                self._transport = self._connect()
+            return self._transport
+
+    def _open_socket(self) -> socket.socket | paramiko.Channel:
+        t = self.target
+        if t.proxy_jump:
+            first = t.proxy_jump.split(",")[0]
+            jhost, _, jport = first.rpartition(":") if first.count(":") == 1 else (first, "", "")
+            juser, _, jhost = jhost.rpartition("@")
+            self._jump = SSHShell(jhost, user=juser or None, port=int(jport) if jport else None,
+                                  proxy_jump=",".join(t.proxy_jump.split(",")[1:]) or "none",
+                                  known_hosts=self._known_hosts[2:], interactive=self._interactive,
+                                  connect_timeout=self._timeout, prompt=self._prompt)
+            try:
+                return self._jump.transport.open_channel("direct-tcpip", (t.hostname, t.port), ("127.0.0.1", 0),
+                                                         timeout=self._timeout)
+            except paramiko.SSHException as exc:
+                raise ConnectionFailed(f"cannot reach {t.hostname}:{t.port} through jump host {jhost}: {exc}") from exc
+        try:
+            sock = socket.create_connection((t.hostname, t.port), timeout=self._timeout)
+        except socket.gaierror as exc:
+            raise ConnectionFailed(f"cannot resolve {t.hostname!r} (profile host {t.alias!r}): {exc.strerror}",
+                                   hint="check the host name, or the HostName of that alias in ~/.ssh/config",
+                                   retryable=False) from exc
+        except OSError as exc:
+            why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            raise ConnectionFailed(f"cannot connect to {t.hostname}:{t.port}: {why}",
+                                   hint="is the login node up, and are you on the right network or VPN?") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _connect(self) -> paramiko.Transport:
+        t = self.target
+        sock = self._open_socket()
+        transport = paramiko.Transport(sock)
+        opts = transport.get_security_options()
+        opts.ciphers = tuple(c for c in _GCM_FIRST if c in opts.ciphers) + tuple(
+            c for c in opts.ciphers if c not in _GCM_FIRST)
+        transport.banner_timeout = self._timeout
+        transport.auth_timeout = self._timeout
+        try:
+            transport.start_client(timeout=self._timeout)
+            self._verify_host_key(transport)
+            self._authenticate(transport)
+        except paramiko.SSHException as exc:
+            transport.close()
+            raise ConnectionFailed(f"SSH handshake with {t.hostname}:{t.port} failed: {exc}") from exc
+        except BaseException:
+            transport.close()
+            raise
+        transport.set_keepalive(self._keepalive)
+        return transport
+
+    def _verify_host_key(self, transport: paramiko.Transport) -> None:
+        t = self.target
+        key = transport.get_remote_server_key()
+        names = {known_hosts_name(t.hostname, t.port), known_hosts_name(t.alias, t.port)}
+        fp = fingerprint(key)
+        seen_other: tuple[Path, str] | None = None
+        for path in self._known_hosts:
+            if not path.exists():
+                continue
+            try:
+                hk = paramiko.HostKeys(str(path))
+            except (OSError, paramiko.SSHException) as exc:
+                log.warning("cannot read known_hosts %s: %s", path, exc)
+                continue
+            for name in names:
+                entry = hk.lookup(name)
+                if not entry:
+                    continue
+                if key.get_name() in entry:
+                    if entry[key.get_name()] == key:
+                        return
+                    seen_other = (path, fingerprint(entry[key.get_name()]))
+        if seen_other:
+            raise ChangedHostKey(
+                f"WARNING: THE HOST KEY OF {t.hostname}:{t.port} HAS CHANGED. Someone could be intercepting the "
+                f"connection, or the host was reinstalled. It now offers {key.get_name()} {fp}, but "
+                f"{seen_other[0]} records {seen_other[1]}. Refusing to connect.",
+                host=t.hostname, fingerprint=fp,
+                hint=f"ask your cluster's admins for the real fingerprint; if it matches, remove the old entry "
+                     f"(ssh-keygen -R {known_hosts_name(t.hostname, t.port)} -f {seen_other[0]}) and run "
+                     f"hpcseg trust {t.alias}")
+        raise UnknownHostKey(
+            f"the host key of {t.hostname}:{t.port} is not known: {key.get_name()} {fp}",
+            host=t.hostname, fingerprint=fp,
+            hint=f"check this fingerprint with your cluster's documentation, then run: hpcseg trust {t.alias} "
+                 f"--fingerprint {fp}")
+
+    def _keys(self) -> list[paramiko.PKey]:
+        keys: list[paramiko.PKey] = []
+        try:
+            keys.extend(paramiko.Agent().get_keys())
+        except paramiko.SSHException:
+            pass
+        files = self.target.identity_files or [
+            os.path.expanduser(f"~/.ssh/{n}") for n in ("id_ed25519", "id_ecdsa", "id_rsa")]
+        for path in files:
+            if not os.path.exists(path):
+                continue
+            try:
+                keys.append(paramiko.PKey.from_path(path, passphrase=self._passphrases.get(path)))
+            except paramiko.PasswordRequiredException:
+                if not self._interactive:
+                    log.warning("key %s needs a passphrase and no one is at the terminal; skipped", path)
+                    continue
+                self._passphrases[path] = getpass.getpass(f"Passphrase for {path}: ")
+                keys.append(paramiko.PKey.from_path(path, passphrase=self._passphrases[path]))
+            except (OSError, paramiko.SSHException, ValueError) as exc:
+                log.warning("cannot load key %s: %s", path, exc)
+        return keys
+
+    def _authenticate(self, transport: paramiko.Transport) -> None:
+        user = self.target.user
+        remaining: list[str] = []
+        tried = []
+        for key in self._keys():
+            tried.append(key.get_name())
+            try:
+                remaining = transport.auth_publickey(user, key)
+            except paramiko.AuthenticationException:
+                continue
+            except paramiko.SSHException as exc:
+                raise ConnectionFailed(f"SSH authentication with {self.target.hostname} broke off: {exc}") from exc
+            if transport.is_authenticated():
+                return
+            break  # partial success: the server wants a second factor
+        if self._interactive and (remaining and "keyboard-interactive" in remaining or not tried):
+            try:
+                transport.auth_interactive(user, self._prompt)
+            except paramiko.AuthenticationException as exc:
+                raise AuthenticationFailed(f"{user}@{self.target.hostname} refused the one-time code: {exc}") from exc
+            if transport.is_authenticated():
+                return
+        raise AuthenticationFailed(
+            f"{user}@{self.target.hostname}:{self.target.port} accepted none of our keys "
+            f"({len(tried)} tried{': ' + ', '.join(tried) if tried else ''})",
+            hint="add your key to the agent (ssh-add), set identity_file in the profile or IdentityFile in "
+                 "~/.ssh/config, and check you can log in with plain ssh")
+
+    # -- Shell ----------------------------------------------------------------------------------------------------
+    def run(self, argv: Argv | str, *, stdin: str | bytes | None = None, timeout: float | None = 60,
+            env: dict[str, str] | None = None, check: bool = False) -> Result:
+        command = join(argv)
+        if env:
+            command = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + command
+        try:
+            chan = self.transport.open_session(timeout=self._timeout)
+        except paramiko.SSHException as exc:
+            raise ConnectionFailed(f"cannot open a session on {self.name}: {exc}") from exc
+        out, err = bytearray(), bytearray()
+        try:
+            chan.exec_command(command)
+            if stdin is not None:
+                chan.sendall(stdin.encode() if isinstance(stdin, str) else stdin)
+            chan.shutdown_write()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    res = Result(command, 124, out.decode(errors="replace"), f"timed out after {timeout} s")
+                    return res.check() if check else res
+                select.select([chan], [], [], min(left, 1.0) if left is not None else 1.0)
+                while chan.recv_ready():
+                    out += chan.recv(1 << 16)
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(1 << 16)
+                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                if chan.closed and not chan.recv_ready():
+                    break
+            code = chan.recv_exit_status()
+        except (paramiko.SSHException, OSError) as exc:
+            raise ConnectionFailed(f"connection to {self.name} broke during `{command}`: {exc}") from exc
+        finally:
+            chan.close()
+        res = Result(command, code, out.decode(errors="replace"), err.decode(errors="replace"))
+        return res.check() if check else res
+
+    def home(self) -> str:
+        if self._home is None:
+            self._home = self.run("printf %s \"$HOME\"", check=True).stdout.strip()
+        return self._home
+
+    def abspath(self, remote: str) -> str:
+        """Expand a leading ``~`` (scp and SFTP do not)."""
+        if remote == "~" or remote.startswith("~/"):
+            return self.home() + remote[1:]
+        return remote
+
+    def put(self, local: str | os.PathLike, remote: str, *, mode: int | None = None,
+            progress: Callable[[int, int], None] | None = None) -> None:
+        """Copy a file with scp to a temp name beside ``remote``, then rename: no partial file is ever visible."""
+        from scp import SCPClient, SCPException
+
+        dest = self.abspath(remote)
+        tmp = posixpath.join(posixpath.dirname(dest), f".{posixpath.basename(dest)}.{os.getpid()}.part")
+        cb = (lambda _f, size, sent: progress(sent, size)) if progress else None
+        try:
+            self.run(["mkdir", "-p", posixpath.dirname(dest)], check=True)
+            with SCPClient(self.transport, progress=cb, socket_timeout=60) as scp:
+                scp.put(os.fspath(local), tmp)
+            finish = shlex.join(["mv", "-f", tmp, dest])
+            if mode is not None:
+                finish = shlex.join(["chmod", f"{mode:o}", tmp]) + " && " + finish
+            self.run(finish, check=True)
+        except (SCPException, paramiko.SSHException, OSError) as exc:
+            self.run(["rm", "-f", tmp])
+            raise TransferFailed(f"copying {local} to {self.name}:{dest} failed: {exc}") from exc
+
+    def get(self, remote: str, local: str | os.PathLike,
+            progress: Callable[[int, int], None] | None = None) -> None:
+        from scp import SCPClient, SCPException
+
+        dest = Path(local)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+        cb = (lambda _f, size, sent: progress(sent, size)) if progress else None
+        try:
+            with SCPClient(self.transport, progress=cb, socket_timeout=60) as scp:
+                scp.get(self.abspath(remote), os.fspath(tmp))
+            os.replace(tmp, dest)
+        except (SCPException, paramiko.SSHException, OSError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise TransferFailed(f"copying {self.name}:{remote} to {local} failed: {exc}") from exc
+
+    def read_text(self, remote: str) -> str | None:
+        path = shlex.quote(self.abspath(remote))
+        res = self.run(f"if [ -e {path} ]; then cat -- {path}; else exit 44; fi")
+        if res.exit_code == 44:
+            return None
+        return res.check().stdout
+
+    def write_text(self, remote: str, text: str, *, mode: int = 0o644) -> None:
+        dest = self.abspath(remote)
+        tmp = posixpath.join(posixpath.dirname(dest), f".{posixpath.basename(dest)}.{os.getpid()}.part")
+        q = shlex.quote
+        script = (f"umask 077 && mkdir -p {q(posixpath.dirname(dest))} && cat > {q(tmp)} && chmod {mode:o} {q(tmp)}"
+                  f" && mv -f {q(tmp)} {q(dest)} || {{ rc=$?; rm -f {q(tmp)}; exit $rc; }}")
+        self.run(script, stdin=text, check=True)
+
+    def open_channel(self, host: str, port: int, timeout: float | None = None) -> paramiko.Channel:
+        """A direct-tcpip channel from the login node to ``host:port`` (no login on that host needed)."""
+        try:
+            return self.transport.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0),
+                                               timeout=timeout or self._timeout)
+        except (paramiko.SSHException, OSError) as exc:
+            raise ConnectionFailed(f"the login node {self.name} cannot open a connection to {host}:{port}: {exc}",
+                                   hint="is the server job still running? (hpcseg status)") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
+            if self._jump is not None:
+                self._jump.close()
+                self._jump = None
+
+    def __enter__(self) -> SSHShell:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def fetch_host_key(host: str, port: int | None = None,
+                   timeout: float = CONNECT_TIMEOUT) -> tuple[Target, paramiko.PKey]:
+    """Connect without authenticating and return the host's key (for ``hpcseg trust``)."""
+    target = resolve_target(host, port=port)
+    try:
+        sock = socket.create_connection((target.hostname, target.port), timeout=timeout)
+    except OSError as exc:
+        raise ConnectionFailed(f"cannot connect to {target.hostname}:{target.port}: {exc}") from exc
+    transport = paramiko.Transport(sock)
+    try:
+        transport.start_client(timeout=timeout)
+        return target, transport.get_remote_server_key()
+    except paramiko.SSHException as exc:
+        raise ConnectionFailed(f"SSH handshake with {target.hostname}:{target.port} failed: {exc}") from exc
+    finally:
+        transport.close()
+
+
+def trust_host_key(target: Target, key: paramiko.PKey, path: Path | None = None) -> Path:
+    """Record a host key in hpcseg's known_hosts (atomically)."""
+    path = path or hpcseg_known_hosts()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hk = paramiko.HostKeys()
+    if path.exists():
+        hk.load(str(path))
+    hk.add(known_hosts_name(target.hostname, target.port), key.get_name(), key)
+    tmp = path.with_name(path.name + ".part")
+    hk.save(str(tmp))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path

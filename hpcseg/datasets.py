@@ -1,0 +1,320 @@
+"""Validated image-mask pairs, uploaded to a dataset on the cluster without ever leaving a partial file.
+
+A dataset on the cluster (``<datasets_dir>/<name>/``) has the Medical Segmentation Decathlon shape MONAI and
+nnU-Net users know, plus hpcseg's provenance per case::
+
+    dataset.json     name, labels, modality, training/validation lists, and "hpcseg": {case: provenance}
+    imagesTr/<case>.nii.gz, labelsTr/<case>.nii.gz
+    .incoming/       files on their way in (temp names while copying)
+    .lock            flock(1) lock: every change of dataset.json happens under it
+
+Before a byte is sent, a pair must be readable, share size/spacing/origin/direction (tolerances below), and its
+mask must be a non-empty integer label map whose values the dataset knows. Files are written as gzip NIfTI from
+the voxels and geometry alone (no header text, no DICOM tags: a case id made from the image's hash replaces the
+file name), hashed (sha256), copied by scp to a temp name in ``.incoming/``, checked again on the cluster, and
+only then renamed into ``imagesTr/`` and ``labelsTr/`` under the lock. Running the same upload again finishes
+an interrupted one; a pair already there (same hashes) is skipped.
+
+Example::
+
+    up = DatasetUploader(shell, "/scratch/proj/datasets")
+    result = up.upload("ct.nii.gz", "ct-seg.nii.gz", dataset="liver", labels={"liver": 1})
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import posixpath
+import shlex
+import socket
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import DatasetError, ImageError
+from .shell import Shell
+
+#: geometry tolerances: spacing and direction relative/absolute 1e-4, origin 1e-3 mm (DICOM rounding)
+SPACING_TOL = 1e-4
+ORIGIN_TOL_MM = 1e-3
+DIRECTION_TOL = 1e-4
+
+_INT_TYPES = {sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32, sitk.sitkInt32,
+              sitk.sitkUInt64, sitk.sitkInt64}
+
+
+@dataclass
+class PreparedPair:
+    """A validated pair, written to local temp files ready to send."""
+
+    case_id: str
+    image_file: Path
+    label_file: Path
+    image_sha256: str
+    label_sha256: str
+    labels_present: list[int]
+    raw_bytes: int
+
+
+@dataclass
+class UploadResult:
+    case_id: str
+    status: str          # "uploaded" | "skipped" (already there)
+    split: str
+    bytes_sent: int
+    raw_bytes: int
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read(path: str | os.PathLike, what: str) -> sitk.Image:
+    from .imaging import read_image
+
+    try:
+        return read_image(path)
+    except (ImageError, RuntimeError, OSError) as exc:
+        raise DatasetError(f"refused: the {what} {path} cannot be read ({exc})",
+                           hint=f"check that {path} is a complete NIfTI/NRRD/MHA file or DICOM folder") from exc
+
+
+def check_geometry(image: sitk.Image, mask: sitk.Image, names: tuple[str, str]) -> None:
+    """Refuse a pair whose size, spacing, origin or direction differ beyond the tolerances."""
+    a, b = names
+    if image.GetSize() != mask.GetSize():
+        raise DatasetError(f"refused: size differs: {a} {image.GetSize()} vs {b} {mask.GetSize()}",
+                           hint="export the mask on the image's grid (in Slicer: reference geometry = the image)")
+    if not np.allclose(image.GetSpacing(), mask.GetSpacing(), rtol=SPACING_TOL, atol=SPACING_TOL):
+        raise DatasetError(f"refused: spacing differs: {a} {image.GetSpacing()} vs {b} {mask.GetSpacing()}",
+                           hint="resample the mask to the image (nearest neighbour) before uploading")
+    if not np.allclose(image.GetOrigin(), mask.GetOrigin(), rtol=0, atol=ORIGIN_TOL_MM):
+        raise DatasetError(f"refused: origin differs: {a} {image.GetOrigin()} vs {b} {mask.GetOrigin()}",
+                           hint="the mask was saved for another image or cropped; export it on the image's grid")
+    if not np.allclose(image.GetDirection(), mask.GetDirection(), rtol=0, atol=DIRECTION_TOL):
+        raise DatasetError(f"refused: direction differs between {a} and {b}",
+                           hint="the mask is reoriented; export it on the image's grid")
+
+
+def _clean_copy(img: sitk.Image) -> sitk.Image:
+    """Voxels and geometry only: no metadata (DICOM tags, descriptions) travels."""
+    out = sitk.GetImageFromArray(sitk.GetArrayViewFromImage(img))
+    out.CopyInformation(img)
+    for key in out.GetMetaDataKeys():
+        out.EraseMetaData(key)
+    return out
+
+
+def prepare_pair(image_path: str | os.PathLike, mask_path: str | os.PathLike, labels: dict[str, int],
+                 workdir: Path) -> PreparedPair:
+    """Validate a pair and write its upload files; raises DatasetError naming the problem, sends nothing."""
+    image = _read(image_path, "image")
+    mask = _read(mask_path, "mask")
+    check_geometry(image, mask, (str(image_path), str(mask_path)))
+    if mask.GetNumberOfComponentsPerPixel() != 1 or mask.GetPixelID() not in _INT_TYPES:
+        arr = sitk.GetArrayViewFromImage(mask)
+        if mask.GetNumberOfComponentsPerPixel() != 1 or not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise DatasetError(f"refused: the mask {mask_path} is not an integer label map "
+                               f"({mask.GetPixelIDTypeAsString()})",
+                               hint="save the segmentation as a labelmap (integer values), not probabilities")
+    arr = sitk.GetArrayViewFromImage(mask)
+    present = sorted(int(v) for v in np.unique(arr))
+    if not any(v > 0 for v in present):
+        raise DatasetError(f"refused: the mask {mask_path} is empty (no labelled voxel)",
+                           hint="check you exported the right segmentation")
+    known = set(labels.values()) | {0}
+    unknown = [v for v in present if v not in known]
+    if unknown:
+        names = ", ".join(f"{k}={v}" for k, v in sorted(labels.items(), key=lambda kv: kv[1]))
+        raise DatasetError(f"refused: the mask {mask_path} has label values {unknown} the dataset does not know "
+                           f"(it knows 0=background, {names})",
+                           hint="relabel the mask, or create a new dataset with --labels NAME=VALUE,...")
+    mask_u = sitk.Cast(_clean_copy(mask), sitk.sitkUInt8 if max(present) < 256 else sitk.sitkUInt16)
+    workdir.mkdir(parents=True, exist_ok=True)
+    img_file, lbl_file = workdir / "image.nii.gz", workdir / "label.nii.gz"
+    sitk.WriteImage(_clean_copy(image), str(img_file), True, 6)
+    sitk.WriteImage(mask_u, str(lbl_file), True, 6)
+    img_sha, lbl_sha = _sha256(img_file), _sha256(lbl_file)
+    raw = image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent() \
+        + mask.GetNumberOfPixels() * mask.GetSizeOfPixelComponent()
+    return PreparedPair(case_id=f"case_{img_sha[:16]}", image_file=img_file, label_file=lbl_file,
+                        image_sha256=img_sha, label_sha256=lbl_sha, labels_present=present, raw_bytes=raw)
+
+
+# Runs on the login node with its own python3, under flock on the dataset's .lock. Standard library only.
+_REMOTE = r'''
+import hashlib, json, os, sys, time, glob
+a = json.loads(sys.argv[1]); d = a["dir"]; op = a["op"]
+man = os.path.join(d, "dataset.json")
+def sha(p):
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for c in iter(lambda: f.read(1 << 20), b""): h.update(c)
+    return h.hexdigest()
+def load():
+    try:
+        with open(man) as f: return json.load(f)
+    except FileNotFoundError: return None
+def save(m):
+    tmp = man + ".%d.tmp" % os.getpid()
+    with open(tmp, "w") as f: json.dump(m, f, indent=1, sort_keys=True); f.flush(); os.fsync(f.fileno())
+    os.replace(tmp, man)
+for sub in ("imagesTr", "labelsTr", ".incoming"): os.makedirs(os.path.join(d, sub), exist_ok=True)
+m = load()
+if op == "status":
+    inc = {}
+    for p in glob.glob(os.path.join(d, ".incoming", a["case"] + "_*.nii.gz")): inc[os.path.basename(p)] = sha(p)
+    case = (m or {}).get("hpcseg", {}).get("cases", {}).get(a["case"])
+    print(json.dumps({"exists": m is not None, "labels": (m or {}).get("labels"), "case": case, "incoming": inc}))
+    sys.exit(0)
+if op == "commit":
+    if m is None:
+        m = {"name": a["name"], "description": "hpcseg dataset", "tensorImageSize": "3D",
+             "modality": {"0": a.get("modality", "CT")}, "labels": a["labels"], "numTraining": 0, "numTest": 0,
+             "training": [], "validation": [], "test": [], "hpcseg": {"version": 1, "cases": {}}}
+    cases = m.setdefault("hpcseg", {"version": 1, "cases": {}}).setdefault("cases", {})
+    c = a["case"]; prov = a["provenance"]
+    old = cases.get(c)
+    if old and (old["image_sha256"], old["label_sha256"]) == (prov["image_sha256"], prov["label_sha256"]):
+        print(json.dumps({"status": "skipped", "split": old["split"]})); sys.exit(0)
+    src_i = os.path.join(d, ".incoming", c + "_image.nii.gz")
+    src_l = os.path.join(d, ".incoming", c + "_label.nii.gz")
+    for p, want in ((src_i, prov["image_sha256"]), (src_l, prov["label_sha256"])):
+        if not os.path.exists(p) or sha(p) != want:
+            print(json.dumps({"status": "corrupt", "file": os.path.basename(p)})); sys.exit(3)
+    os.replace(src_i, os.path.join(d, "imagesTr", c + ".nii.gz"))
+    os.replace(src_l, os.path.join(d, "labelsTr", c + ".nii.gz"))
+    entry = {"image": "./imagesTr/%s.nii.gz" % c, "label": "./labelsTr/%s.nii.gz" % c}
+    for key in ("training", "validation"):
+        m[key] = [e for e in m.get(key, []) if e["image"] != entry["image"]]
+    m["validation" if prov["split"] == "val" else "training"].append(entry)
+    m["numTraining"] = len(m["training"]) + len(m["validation"])
+    cases[c] = prov
+    save(m)
+    now = time.time()
+    for p in glob.glob(os.path.join(d, ".incoming", ".*.part")):
+        if now - os.path.getmtime(p) > 86400: os.remove(p)
+    print(json.dumps({"status": "uploaded", "split": prov["split"]}))
+'''
+
+
+class DatasetUploader:
+    """Uploads validated pairs into datasets under ``root`` on the machine behind ``shell``."""
+
+    def __init__(self, shell: Shell, root: str, python: str = "python3") -> None:
+        self.shell = shell
+        self.root = root
+        self.python = python
+
+    def _dir(self, dataset: str) -> str:
+        if not dataset or "/" in dataset or dataset.startswith(".") or not dataset.replace("-", "").replace(
+                "_", "").replace(".", "").isalnum():
+            raise DatasetError(f"dataset name {dataset!r} is not allowed: letters, digits, '-', '_', '.'")
+        return posixpath.join(self.root, dataset)
+
+    def _remote(self, dataset: str, op: str, **args: Any) -> dict:
+        d = self._dir(dataset)
+        payload = json.dumps({"dir": d, "op": op, "name": dataset, **args})
+        cmd = (f"mkdir -p {shlex.quote(d)} && flock {shlex.quote(d + '/.lock')} "
+               f"{shlex.quote(self.python)} -c {shlex.quote(_REMOTE)} {shlex.quote(payload)}")
+        res = self.shell.run(cmd, timeout=300)
+        try:
+            out = json.loads(res.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            res.check(hint="the login node needs python3 and flock (util-linux)")
+            raise DatasetError(f"unexpected answer from the cluster: {res.stdout[-200:]!r}") from None
+        if not res.ok and out.get("status") != "corrupt":
+            res.check()
+        return out
+
+    def dataset_labels(self, dataset: str) -> dict[str, int] | None:
+        """The labels of an existing dataset (name → value), or None if it does not exist yet."""
+        st = self._remote(dataset, "status", case="-")
+        if not st["exists"]:
+            return None
+        return {name: int(v) for v, name in st["labels"].items() if int(v) != 0}
+
+    def upload(self, image: str | os.PathLike, mask: str | os.PathLike, *, dataset: str,
+               labels: dict[str, int] | None = None, split: str = "auto", model_version: str | None = None,
+               modality: str = "CT", progress: Callable[[int, int], None] | None = None) -> UploadResult:
+        """Validate, send and commit one pair (see the module docstring for the guarantees)."""
+        if split not in ("train", "val", "auto"):
+            raise DatasetError(f"split {split!r} is not allowed: train, val or auto")
+        known = self.dataset_labels(dataset)
+        if known is None:
+            if not labels:
+                raise DatasetError(f"dataset {dataset!r} does not exist yet: say which labels it has",
+                                   hint="e.g. --labels body=1,lungs=2,bone=3")
+            known = labels
+        elif labels and any(known.get(k) != v for k, v in labels.items()):
+            raise DatasetError(f"labels {labels} differ from dataset {dataset!r}'s {known}")
+        with tempfile.TemporaryDirectory(prefix="hpcseg-upload-") as tmp:
+            pair = prepare_pair(image, mask, known, Path(tmp))
+            st = self._remote(dataset, "status", case=pair.case_id)
+            case = st.get("case")
+            if case and case["image_sha256"] == pair.image_sha256 and case["label_sha256"] == pair.label_sha256:
+                return UploadResult(pair.case_id, "skipped", case["split"], 0, pair.raw_bytes)
+            chosen = split if split != "auto" else ("val" if int(pair.image_sha256[:8], 16) % 5 == 0 else "train")
+            d = self._dir(dataset)
+            sent = done = 0
+            total = pair.image_file.stat().st_size + pair.label_file.stat().st_size
+            for kind, f, digest in (("image", pair.image_file, pair.image_sha256),
+                                    ("label", pair.label_file, pair.label_sha256)):
+                name = f"{pair.case_id}_{kind}.nii.gz"
+                size = f.stat().st_size
+                if st["incoming"].get(name) != digest:  # else an earlier run sent it already: resume
+                    base = done
+                    kw = {"progress": (lambda n, _t, b=base: progress(b + n, total))} if progress else {}
+                    self.shell.put(f, posixpath.join(d, ".incoming", name), **kw)
+                    sent += size
+                done += size
+                if progress:
+                    progress(done, total)
+            prov = {"image_sha256": pair.image_sha256, "label_sha256": pair.label_sha256, "split": chosen,
+                    "uploaded_by": f"{getpass.getuser()}@{socket.gethostname()}",
+                    "uploaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "model_version": model_version, "labels_present": pair.labels_present}
+            out = self._remote(dataset, "commit", case=pair.case_id, provenance=prov, modality=modality,
+                               labels={"0": "background", **{str(v): k for k, v in known.items()}})
+            if out["status"] == "corrupt":
+                raise DatasetError(f"the copy of {out['file']} on the cluster does not match its hash; "
+                                   "nothing was added", hint="run the same upload again", retryable=True)
+            return UploadResult(pair.case_id, out["status"], out["split"], sent, pair.raw_bytes)
+
+    def manifest(self, dataset: str) -> dict:
+        text = self.shell.read_text(posixpath.join(self._dir(dataset), "dataset.json"))
+        if text is None:
+            raise DatasetError(f"no dataset {dataset!r} under {self.root}", hint="hpcseg datasets lists them")
+        return json.loads(text)
+
+    def list(self) -> list[dict]:
+        """Datasets under the root with their case counts."""
+        res = self.shell.run([self.python, "-c", _LIST, self.root], check=True)
+        return json.loads(res.stdout)
+
+
+_LIST = r'''
+import glob, json, os, sys
+out = []
+for p in sorted(glob.glob(os.path.join(sys.argv[1], "*", "dataset.json"))):
+    try:
+        m = json.load(open(p))
+    except Exception as e:
+        out.append({"name": os.path.basename(os.path.dirname(p)), "error": str(e)}); continue
+    out.append({"name": m.get("name"), "training": len(m.get("training", [])),
+                "validation": len(m.get("validation", [])), "labels": m.get("labels")})
+print(json.dumps(out))
+'''

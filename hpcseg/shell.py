@@ -18,7 +18,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -65,8 +65,9 @@ class Shell(Protocol):
         """Run a command (argv is quoted word by word; a str is a shell command line) and wait for it."""
         ...
 
-    def put(self, local: str | os.PathLike, remote: str, *, mode: int | None = None) -> None:
-        """Copy a local file to ``remote`` (which may start with ``~/``)."""
+    def put(self, local: str | os.PathLike, remote: str, *, mode: int | None = None,
+            progress: Callable[[int, int], None] | None = None) -> None:
+        """Copy a local file to ``remote`` (which may start with ``~/``), via a temp name then rename."""
         ...
 
     def get(self, remote: str, local: str | os.PathLike) -> None:
@@ -120,7 +121,8 @@ class LocalShell:
     def _path(self, remote: str) -> Path:
         return Path(os.path.expanduser(remote))
 
-    def put(self, local: str | os.PathLike, remote: str, *, mode: int | None = None) -> None:
+    def put(self, local: str | os.PathLike, remote: str, *, mode: int | None = None,
+            progress: Callable[[int, int], None] | None = None) -> None:
         dest = self._path(remote)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +130,9 @@ class LocalShell:
             os.close(fd)
             try:
                 shutil.copyfile(local, tmp)
+                if progress:
+                    size = os.path.getsize(tmp)
+                    progress(size, size)
                 if mode is not None:
                     os.chmod(tmp, mode)
                 os.replace(tmp, dest)

@@ -16,6 +16,7 @@ into one of these (``raise ... from exc``), so callers and the CLI catch ``Hpcse
     ├── JobError                 a job ended, failed to start, or cannot be found
     ├── ServerError              the inference server refused or failed a request (HTTP status kept)
     ├── ImageError               an image or mask cannot be read, or is unsuitable
+    ├── ModelLoadError           a model folder cannot be loaded (bad manifest, weights, loader) — names why
     └── DatasetError             a pair is refused, or the dataset on the cluster is inconsistent
 
 The CLI prints ``str(error)`` as one line (plus the hint) and exits 1.
@@ -122,6 +123,10 @@ class ServerError(HpcsegError):
 
 class ImageError(HpcsegError):
     """An image or mask is unreadable or unsuitable."""
+
+
+class ModelLoadError(HpcsegError):
+    """A model folder cannot be served: its manifest, weights or loader is wrong; the message names the reason."""
 
 
 class DatasetError(HpcsegError):

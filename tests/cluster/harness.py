@@ -1,0 +1,169 @@
+"""Python side of the real test cluster (tests/cluster/*.sh): start it once, describe it, act on it.
+
+    from tests.cluster.harness import ensure_cluster, run_as_user, accounting
+
+`ensure_cluster(repo_dir)` runs install.sh and up.sh (once per process) and returns a `TestCluster` read from
+`$STATE/cluster.json`. Everything here needs root: the cluster lives in network namespaces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_STATE = "/var/lib/hpcseg-testcluster"
+_TAIL = 6000
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("HPCSEG_TESTCLUSTER_DIR") or DEFAULT_STATE)
+
+
+@dataclass
+class TestCluster:
+    """What a test needs to reach the cluster: mirrors cluster.json (plus `path`, the file it came from)."""
+
+    __test__ = False  # not a pytest test class
+
+    host: str
+    port: int
+    user: str
+    key_path: str
+    wrong_key_path: str
+    known_hosts: str
+    host_key_fingerprint: str
+    host_key_type: str
+    compute_node: str
+    partition: str
+    slurm_conf: str
+    python: str
+    venv: str
+    home: str
+    account: str
+    accounting: bool
+    state_dir: str
+    path: str = ""
+    login_node: str = "login1"
+    compute_ip: str = "10.211.0.2"
+    gpus: int = 4
+    cpus: int = 8
+    cluster_name: str = "hpcseg"
+    netns_login: str = "hpcseg-login"
+    netns_compute: str = "hpcseg-compute"
+    link_devices: list = field(default_factory=list)
+    scripts_dir: str = str(HERE)
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> TestCluster:
+        p = Path(path) if path else state_dir() / "cluster.json"
+        data = json.loads(p.read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in data.items() if k in names and k not in ("path", "extra")}
+        return cls(**known, path=str(p), extra={k: v for k, v in data.items() if k not in names})
+
+    # conveniences, so a test holding the fixture needs no import
+    def ssh_argv(self, *command: str, key: str | None = None, options: tuple[str, ...] = ()) -> list[str]:
+        """The real OpenSSH client, strict host key checking against the cluster's known_hosts."""
+        return ssh_argv(self, *command, key=key, options=options)
+
+    def run_as_user(self, argv, **kw) -> subprocess.CompletedProcess:
+        return run_as_user(self, argv, **kw)
+
+    def set_accounting(self, on: bool) -> None:
+        accounting(self, on)
+
+    def set_link(self, slow: bool, rate: str = "100mbit") -> None:
+        link(self, slow, rate)
+
+
+_lock = threading.Lock()
+_cache: dict[str, TestCluster | RuntimeError] = {}
+
+
+def _script(name: str) -> str:
+    return str(HERE / name)
+
+
+def _run_script(args: list[str], what: str, timeout: float, state: str | None = None) -> str:
+    env = dict(os.environ)
+    if state:
+        env["HPCSEG_TESTCLUSTER_DIR"] = state
+    try:
+        res = subprocess.run(["bash", *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout if isinstance(e.stdout, str) else (e.stdout or b"").decode(errors="replace")
+        raise RuntimeError(
+            f"test cluster: {what} timed out after {timeout:.0f} s; output tail:\n{out[-_TAIL:]}") from None
+    if res.returncode != 0:
+        raise RuntimeError(f"test cluster: {what} failed (exit {res.returncode}); output tail:\n{res.stdout[-_TAIL:]}")
+    return res.stdout
+
+
+def ensure_cluster(repo_dir: str | os.PathLike | None = None, *, timeout: float = 1800) -> TestCluster:
+    """Install and start the test cluster once per process; return its description.
+
+    Raises RuntimeError with the reason (not root, or the scripts' output tail) when it cannot be had.
+    A failure is remembered: later calls raise the same error at once.
+    """
+    repo = str(Path(repo_dir or HERE.parent.parent).resolve())
+    with _lock:
+        cached = _cache.get(repo)
+        if isinstance(cached, RuntimeError):
+            raise cached
+        if cached is not None:
+            return cached
+        try:
+            if os.geteuid() != 0:
+                raise RuntimeError(
+                    "test cluster: needs root (apt-get, network namespaces, daemons as other users); "
+                    f"running as uid {os.geteuid()}. Run the tests as root (CI does).")
+            _run_script([_script("install.sh")], "install.sh", timeout)
+            _run_script([_script("up.sh"), repo], "up.sh", timeout)
+            cluster = TestCluster.load()
+        except RuntimeError as e:
+            _cache[repo] = e
+            raise
+        _cache[repo] = cluster
+        return cluster
+
+
+def ssh_argv(cluster: TestCluster, *command: str, key: str | None = None, options: tuple[str, ...] = ()) -> list[str]:
+    return ["ssh", "-F", "/dev/null", "-i", key or cluster.key_path, "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={cluster.known_hosts}",
+            "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", "-p", str(cluster.port), *options,
+            f"{cluster.user}@{cluster.host}", *command]
+
+
+def run_as_user(cluster: TestCluster, argv, *, input: str | None = None, timeout: float = 60,
+                check: bool = False) -> subprocess.CompletedProcess:
+    """Run argv as the test user on the login node (its namespace, hosts file, SLURM_CONF), without SSH.
+
+    Returns the CompletedProcess with text stdout/stderr; e.g. run_as_user(c, ["squeue", "-h", "-j", job_id]).
+    """
+    if isinstance(argv, str):
+        argv = ["bash", "-c", argv]
+    return subprocess.run(["bash", _script("as-user.sh"), *map(str, argv)],
+                          input=input, capture_output=True, text=True, timeout=timeout, check=check,
+                          stdin=None if input is not None else subprocess.DEVNULL,
+                          env={**os.environ, "HPCSEG_TESTCLUSTER_DIR": cluster.state_dir})
+
+
+def accounting(cluster: TestCluster, on: bool, *, timeout: float = 180) -> None:
+    """Switch Slurm accounting off (slurmctld without slurmdbd: sacct says it is disabled) or back on."""
+    _run_script([_script("accounting.sh"), "on" if on else "off"], f"accounting.sh {'on' if on else 'off'}",
+                timeout, cluster.state_dir)
+    cluster.accounting = on
+
+
+def link(cluster: TestCluster, slow: bool, rate: str = "100mbit") -> None:
+    """Throttle the client<->login link like a laptop's (both directions), or make it fast again."""
+    args = ["slow", rate] if slow else ["fast"]
+    _run_script([_script("link.sh"), *args], f"link.sh {' '.join(args)}", 60, cluster.state_dir)

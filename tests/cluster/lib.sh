@@ -1,0 +1,500 @@
+# shellcheck shell=bash
+# Shared definitions and helpers for the hpcseg test cluster scripts (sourced, never run).
+# Everything here runs as root on the machine that hosts the cluster.
+
+set -euo pipefail
+umask 022
+
+CLUSTER_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+STATE=${HPCSEG_TESTCLUSTER_DIR:-/var/lib/hpcseg-testcluster}
+
+# ---- names and addresses -------------------------------------------------------------------------------
+NS_LOGIN=hpcseg-login
+NS_COMPUTE=hpcseg-compute
+LOGIN_HOST=login1
+COMPUTE_HOST=compute1
+VETH_ROOT=hpcseg-r      # root end of root<->login
+VETH_LOGIN=hpcseg-l     # login end of root<->login
+VETH_LC=hpcseg-lc       # login end of login<->compute
+VETH_COMPUTE=hpcseg-c   # compute end of login<->compute
+ROOT_IP=10.210.0.1
+LOGIN_IP=10.210.0.2
+LOGIN_INNER_IP=10.211.0.1
+COMPUTE_IP=10.211.0.2
+COMPUTE_NET=10.211.0.0/24
+
+TEST_USER=hpcuser
+TEST_HOME=/home/hpcuser
+ACCOUNT=hpcseg-test
+CLUSTER_NAME=hpcseg
+PARTITION=gpu
+NGPUS=4
+NCPUS=8
+VENV=/opt/hpcseg-cluster/venv
+SYS_PYTHON=/usr/bin/python3
+DB_PORT=3306
+DBD_PORT=6819
+
+# ---- paths under $STATE --------------------------------------------------------------------------------
+ETC=$STATE/etc
+SLURM_DIR=$ETC/slurm
+SLURM_CONF=$SLURM_DIR/slurm.conf
+HOSTS_FILE=$ETC/hosts
+RUN=$STATE/run
+SLURM_RUN=$RUN/slurm
+MYSQL_RUN=$RUN/mysqld
+MUNGE_RUN=$RUN/munge
+LOG=$STATE/log
+SPOOL=$STATE/spool
+GPU_DEV_DIR=$STATE/dev
+SSHD_DIR=$STATE/sshd
+SSHD_CONFIG=$SSHD_DIR/sshd_config
+HOST_KEY=$SSHD_DIR/ssh_host_ed25519_key
+CLIENT_DIR=$STATE/client
+CLIENT_KEY=$CLIENT_DIR/id_ed25519
+WRONG_KEY=$CLIENT_DIR/wrong_key
+KNOWN_HOSTS=$CLIENT_DIR/known_hosts
+MYSQL_DIR=$STATE/mysql
+MYCNF=$MYSQL_DIR/my.cnf
+ACCOUNTING_FLAG=$STATE/accounting
+CLUSTER_JSON=$STATE/cluster.json
+
+export SLURM_CONF
+
+# ---- small helpers -------------------------------------------------------------------------------------
+log() { printf '[testcluster %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf '[testcluster] FAILED: %s\n' "$*" >&2; exit 1; }
+
+require_root() { [ "$(id -u)" = 0 ] || die "must run as root (it creates network namespaces and starts daemons)"; }
+
+# Serialise every script that changes the cluster. fd 9 is closed for every daemon we start (9>&-).
+take_lock() {
+  mkdir -p "$STATE"
+  exec 9>"$STATE/.lock"
+  flock -w 900 9 || die "could not lock $STATE/.lock within 900 s (another up/down/accounting run?)"
+}
+
+# write_if_changed FILE MODE OWNER  (content on stdin); prints "changed" when it rewrote the file
+write_if_changed() {
+  local f=$1 mode=$2 owner=$3 tmp
+  tmp=$(mktemp "$f.XXXXXX")
+  cat >"$tmp"
+  chmod "$mode" "$tmp"; chown "$owner" "$tmp"
+  if [ -f "$f" ] && cmp -s "$tmp" "$f"; then
+    rm -f "$tmp"
+    # still enforce mode and owner
+    chmod "$mode" "$f"; chown "$owner" "$f"
+  else
+    mv -f "$tmp" "$f"
+    echo changed
+  fi
+}
+
+sha_of() { cat "$@" 2>/dev/null | sha256sum | cut -c1-64; }
+
+# wait_until SECONDS DESCRIPTION CMD... : retry CMD every 0.1 s until it succeeds
+wait_until() {
+  local secs=$1 what=$2; shift 2
+  local deadline=$(( $(date +%s%N) / 1000000 + secs * 1000 ))
+  while :; do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    if [ $(( $(date +%s%N) / 1000000 )) -ge "$deadline" ]; then
+      log "timed out after ${secs}s waiting for: $what"
+      return 1
+    fi
+    sleep 0.1
+  done
+}
+
+ns_inode() { stat -L -c %i "/run/netns/$1" 2>/dev/null || echo none; }
+
+# pid_ok PIDFILE COMM [NETNS]: the pid file names a live process with that command name (in that namespace)
+pid_ok() {
+  local pidfile=$1 comm=$2 ns=${3:-} pid
+  [ -s "$pidfile" ] || return 1
+  pid=$(head -n1 "$pidfile" 2>/dev/null | tr -dc 0-9)
+  [ -n "$pid" ] && [ -d "/proc/$pid" ] || return 1
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ] || return 1
+  if [ -n "$ns" ]; then
+    [ "$(readlink "/proc/$pid/ns/net" 2>/dev/null)" = "net:[$(ns_inode "$ns")]" ] || return 1
+  fi
+  return 0
+}
+
+# stop_pid PIDFILE COMM: TERM the process named by the pid file (only if it is that command), wait, KILL
+stop_pid() {
+  local pidfile=$1 comm=$2 pid i
+  [ -s "$pidfile" ] || { rm -f "$pidfile"; return 0; }
+  pid=$(head -n1 "$pidfile" 2>/dev/null | tr -dc 0-9)
+  if [ -n "$pid" ] && [ -d "/proc/$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ]; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
+    if [ -d "/proc/$pid" ]; then kill -KILL "$pid" 2>/dev/null || true; sleep 0.2; fi
+  fi
+  rm -f "$pidfile"
+}
+
+# kill_ns_pids NS: end every process inside our network namespace NS (daemons and the jobs they started)
+kill_ns_pids() {
+  local ns=$1 pids i
+  [ -e "/run/netns/$ns" ] || return 0
+  pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
+  [ -n "${pids// }" ] || return 0
+  # shellcheck disable=SC2086
+  kill -TERM $pids 2>/dev/null || true
+  for i in $(seq 1 50); do
+    pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
+    [ -n "${pids// }" ] || return 0
+    sleep 0.1
+  done
+  # shellcheck disable=SC2086
+  kill -KILL $pids 2>/dev/null || true
+  sleep 0.2
+}
+
+# ns_cmd NS HOSTNAME: prints nothing; fills the array NS_CMD with the launcher prefix the notes prescribe:
+# a new mount + UTS namespace inside network namespace NS, our hosts file and Slurm config dir bind-mounted
+# over /etc/hosts and /etc/slurm, the hostname set. Append the command to run.
+NS_SH='mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/slurm && hostname "$3" && shift 3 && exec "$@"'
+ns_cmd() {
+  NS_CMD=(nsenter "--net=/run/netns/$1" unshare --mount --uts --propagation slave
+          sh -c "$NS_SH" sh "$HOSTS_FILE" "$SLURM_DIR" "$2")
+}
+
+# start_daemon NAME NS HOST CMD...: start CMD detached (own session, no inherited stdio or lock fd)
+start_daemon() {
+  local name=$1 ns=$2 host=$3; shift 3
+  ns_cmd "$ns" "$host"
+  setsid "${NS_CMD[@]}" "$@" </dev/null >>"$LOG/$name.out" 2>&1 9>&- &
+  disown 2>/dev/null || true
+}
+
+tail_log() { local f; for f in "$@"; do [ -f "$f" ] && { echo "--- tail of $f:" >&2; tail -n 25 "$f" >&2; }; done; return 0; }
+
+accounting_mode() { if [ -f "$ACCOUNTING_FLAG" ] && [ "$(cat "$ACCOUNTING_FLAG")" = off ]; then echo off; else echo on; fi; }
+
+# ---- network -------------------------------------------------------------------------------------------
+net_ok() {
+  [ -e "/run/netns/$NS_LOGIN" ] && [ -e "/run/netns/$NS_COMPUTE" ] || return 1
+  ip route show "$COMPUTE_NET" 2>/dev/null | grep -q '^unreachable' || return 1
+  ip -br addr show dev "$VETH_ROOT" 2>/dev/null | grep -q "UP .*$ROOT_IP/24" || return 1
+  ip -n "$NS_LOGIN" -br addr show dev "$VETH_LOGIN" 2>/dev/null | grep -q "UP .*$LOGIN_IP/24" || return 1
+  ip -n "$NS_LOGIN" -br addr show dev "$VETH_LC" 2>/dev/null | grep -q "UP .*$LOGIN_INNER_IP/24" || return 1
+  ip -n "$NS_COMPUTE" -br addr show dev "$VETH_COMPUTE" 2>/dev/null | grep -q "UP .*$COMPUTE_IP/24" || return 1
+  ip -n "$NS_COMPUTE" route show "$LOGIN_IP" 2>/dev/null | grep -q "via $LOGIN_INNER_IP" || return 1
+  [ "$(nsenter --net=/run/netns/$NS_LOGIN cat /proc/sys/net/ipv4/ip_forward)" = 0 ] || return 1
+  return 0
+}
+
+ensure_unreachable_route() {
+  # Mandatory: without it root's default route would send compute-subnet traffic out of the machine.
+  ip route replace unreachable "$COMPUTE_NET"
+}
+
+net_down() {
+  local ns
+  for ns in "$NS_COMPUTE" "$NS_LOGIN"; do
+    kill_ns_pids "$ns"
+    [ -e "/run/netns/$ns" ] && ip netns del "$ns" 2>/dev/null || true
+  done
+  ip link del "$VETH_ROOT" 2>/dev/null || true
+}
+
+net_up() {
+  ensure_unreachable_route
+  if net_ok; then return 0; fi
+  log "network: (re)creating namespaces $NS_LOGIN, $NS_COMPUTE"
+  net_down
+  ensure_unreachable_route
+  ip netns add "$NS_LOGIN"
+  ip netns add "$NS_COMPUTE"
+  nsenter --net=/run/netns/$NS_LOGIN sh -c 'echo 0 > /proc/sys/net/ipv4/ip_forward; echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6' 2>/dev/null || true
+  nsenter --net=/run/netns/$NS_COMPUTE sh -c 'echo 0 > /proc/sys/net/ipv4/ip_forward; echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6' 2>/dev/null || true
+  ip -n "$NS_LOGIN" link set lo up
+  ip -n "$NS_COMPUTE" link set lo up
+  ip link add "$VETH_ROOT" type veth peer name "$VETH_LOGIN" netns "$NS_LOGIN"
+  ip addr add "$ROOT_IP/24" dev "$VETH_ROOT"
+  ip link set "$VETH_ROOT" up
+  ip -n "$NS_LOGIN" addr add "$LOGIN_IP/24" dev "$VETH_LOGIN"
+  ip -n "$NS_LOGIN" link set "$VETH_LOGIN" up
+  ip -n "$NS_LOGIN" link add "$VETH_LC" type veth peer name "$VETH_COMPUTE" netns "$NS_COMPUTE"
+  ip -n "$NS_LOGIN" addr add "$LOGIN_INNER_IP/24" dev "$VETH_LC"
+  ip -n "$NS_LOGIN" link set "$VETH_LC" up
+  ip -n "$NS_COMPUTE" addr add "$COMPUTE_IP/24" dev "$VETH_COMPUTE"
+  ip -n "$NS_COMPUTE" link set "$VETH_COMPUTE" up
+  # The compute node reaches the controller's address (10.210.0.2, owned by login) via login's inner address:
+  # local delivery on login, no forwarding. It has no other route (no default route).
+  ip -n "$NS_COMPUTE" route add "$LOGIN_IP/32" via "$LOGIN_INNER_IP"
+  net_ok || die "network namespaces did not come up as expected"
+}
+
+# ---- Slurm client calls from the root namespace (they reach slurmctld at 10.210.0.2) -----------------------
+node_state() { sinfo -h -n "$COMPUTE_HOST" -o %t 2>/dev/null | head -n1; }
+ctld_up() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
+running_config_accounting() { scontrol show config 2>/dev/null | awk -F'= ' '/^AccountingStorageType/ {print $2}' | tr -d ' '; }
+
+# node_ready: exactly "idle"; "mixed"/"allocated" also count while jobs are in the queue (a busy, healthy node)
+node_ready() {
+  local st; st=$(node_state)
+  [ "$st" = idle ] && return 0
+  case "$st" in
+    mix|alloc) [ -n "$(squeue -h -o %i 2>/dev/null | head -n1)" ] && return 0 ;;
+  esac
+  return 1
+}
+
+wait_node_ready() {
+  local secs=${1:-60} deadline st resumed=0
+  deadline=$(( $(date +%s) + secs ))
+  while :; do
+    node_ready && return 0
+    st=$(node_state)
+    case "$st" in
+      drain*|drng*|down|down\*|fail*|inval*)
+        if [ "$resumed" = 0 ] && [ "${st%\*}" != inval ]; then
+          log "node $COMPUTE_HOST is '$st': resuming it"
+          scontrol update nodename="$COMPUTE_HOST" state=resume >/dev/null 2>&1 || true
+          resumed=1
+        fi ;;
+    esac
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      log "node $COMPUTE_HOST state is '$st', not idle, after ${secs}s"
+      scontrol show node "$COMPUTE_HOST" >&2 2>/dev/null || true
+      return 1
+    fi
+    sleep 0.1
+  done
+}
+
+sacct_works() { sacct -n -X -a -S now-1minutes -o JobID >/dev/null 2>&1; }
+sacct_disabled() { local out; out=$(sacct -n -X -S now-1minutes 2>&1) && return 1; echo "$out" | grep -qi 'disabled'; }
+
+# ---- Slurm config generation -----------------------------------------------------------------------------
+render_slurm_conf() {
+  local acct=$1 acct_lines
+  if [ "$acct" = on ]; then
+    acct_lines="AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=$LOGIN_IP
+AccountingStoragePort=$DBD_PORT
+AccountingStorageTRES=gres/gpu"
+  else
+    acct_lines="AccountingStorageType=accounting_storage/none"
+  fi
+  cat <<EOF
+# Generated by tests/cluster/up.sh: edit the script, not this file.
+ClusterName=$CLUSTER_NAME
+SlurmctldHost=$LOGIN_HOST($LOGIN_IP)
+SlurmUser=slurm
+SlurmdUser=root
+AuthType=auth/munge
+CryptoType=crypto/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SwitchType=switch/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+GresTypes=gpu
+ReturnToService=2
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
+SlurmdParameters=config_overrides
+MinJobAge=2
+KillWait=10
+InactiveLimit=0
+Waittime=0
+SlurmctldTimeout=120
+SlurmdTimeout=300
+MessageTimeout=10
+DebugFlags=NO_CONF_HASH
+SlurmctldPort=6817
+SlurmdPort=6818
+StateSaveLocation=$SPOOL/slurmctld
+SlurmdSpoolDir=$SPOOL/slurmd/%n
+SlurmctldPidFile=$SLURM_RUN/slurmctld.pid
+SlurmdPidFile=$RUN/slurmd.pid
+SlurmctldLogFile=$LOG/slurmctld.log
+SlurmdLogFile=$LOG/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+PlugStackConfig=$SLURM_DIR/plugstack.conf
+$acct_lines
+JobCompType=jobcomp/none
+NodeName=$COMPUTE_HOST NodeAddr=$COMPUTE_IP CPUs=$NCPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$NCPUS ThreadsPerCore=1 RealMemory=16000 Gres=gpu:$NGPUS State=UNKNOWN
+PartitionName=$PARTITION Nodes=$COMPUTE_HOST Default=YES MaxTime=INFINITE State=UP
+EOF
+}
+
+write_slurm_conf() {
+  write_if_changed "$SLURM_CONF" 0644 root:root < <(render_slurm_conf "$(accounting_mode)") >/dev/null
+}
+
+# config hashes remembered when a daemon starts: a differing hash means it must restart
+ctld_conf_sha() { sha_of "$SLURM_CONF" "$SLURM_DIR/gres.conf" "$SLURM_DIR/plugstack.conf"; }
+slurmd_conf_sha() { { grep -v '^AccountingStorage' "$SLURM_CONF"; cat "$SLURM_DIR/gres.conf" "$SLURM_DIR/plugstack.conf"; } | sha256sum | cut -c1-64; }
+
+start_slurmctld() {
+  log "starting slurmctld in $NS_LOGIN"
+  install -d -o slurm -g slurm -m 0755 "$SPOOL/slurmctld" "$SLURM_RUN"
+  touch "$LOG/slurmctld.log"; chown slurm:slurm "$LOG/slurmctld.log"
+  start_daemon slurmctld "$NS_LOGIN" "$LOGIN_HOST" env SLURM_CONF="$SLURM_CONF" /usr/sbin/slurmctld -i
+  if ! wait_until 30 "slurmctld answers scontrol ping" ctld_up; then
+    tail_log "$LOG/slurmctld.out" "$LOG/slurmctld.log"; die "slurmctld did not start"
+  fi
+  ctld_conf_sha >"$RUN/slurmctld.confsha"
+}
+
+stop_slurmctld() { stop_pid "$SLURM_RUN/slurmctld.pid" slurmctld; rm -f "$RUN/slurmctld.confsha"; }
+
+ensure_slurmctld() {
+  if pid_ok "$SLURM_RUN/slurmctld.pid" slurmctld "$NS_LOGIN" && ctld_up \
+     && [ "$(cat "$RUN/slurmctld.confsha" 2>/dev/null)" = "$(ctld_conf_sha)" ]; then
+    return 0
+  fi
+  stop_slurmctld
+  start_slurmctld
+}
+
+ensure_slurmd() {
+  if pid_ok "$RUN/slurmd.pid" slurmd "$NS_COMPUTE" \
+     && [ "$(cat "$RUN/slurmd.confsha" 2>/dev/null)" = "$(slurmd_conf_sha)" ]; then
+    return 0
+  fi
+  stop_pid "$RUN/slurmd.pid" slurmd
+  log "starting slurmd ($COMPUTE_HOST) in $NS_COMPUTE"
+  install -d -m 0755 "$SPOOL/slurmd/$COMPUTE_HOST"
+  start_daemon slurmd "$NS_COMPUTE" "$COMPUTE_HOST" env SLURM_CONF="$SLURM_CONF" /usr/sbin/slurmd
+  if ! wait_until 30 "slurmd pid file" pid_ok "$RUN/slurmd.pid" slurmd "$NS_COMPUTE"; then
+    tail_log "$LOG/slurmd.out" "$LOG/slurmd.log"; die "slurmd did not start"
+  fi
+  slurmd_conf_sha >"$RUN/slurmd.confsha"
+}
+
+# ---- MariaDB + slurmdbd ------------------------------------------------------------------------------------
+db_ping() { mariadb-admin --defaults-file="$MYCNF" --connect-timeout=2 ping; }
+dbd_up() { sacctmgr -n -P show cluster format=cluster; }
+
+ensure_dbd() {
+  local force=${1:-}
+  if [ -z "$force" ] && pid_ok "$SLURM_RUN/slurmdbd.pid" slurmdbd "$NS_LOGIN" && pid_ok "$MYSQL_RUN/mysqld.pid" mariadbd "$NS_LOGIN" \
+     && [ "$(cat "$RUN/slurmdbd.confsha" 2>/dev/null)" = "$(sha_of "$SLURM_DIR/slurmdbd.conf" "$MYCNF")" ]; then
+    return 0   # ensure_associations checks that it answers
+  fi
+  # MariaDB
+  if ! { pid_ok "$MYSQL_RUN/mysqld.pid" mariadbd "$NS_LOGIN" && db_ping >/dev/null 2>&1 \
+         && [ "$(cat "$RUN/mariadb.confsha" 2>/dev/null)" = "$(sha_of "$MYCNF")" ]; }; then
+    stop_pid "$SLURM_RUN/slurmdbd.pid" slurmdbd
+    stop_pid "$MYSQL_RUN/mysqld.pid" mariadbd
+    if [ ! -d "$MYSQL_DIR/data/mysql" ]; then
+      log "initialising MariaDB data dir"
+      rm -rf "$MYSQL_DIR/data"
+      install -d -o mysql -g mysql -m 0750 "$MYSQL_DIR/data"
+      mariadb-install-db --defaults-file="$MYCNF" --user=mysql --auth-root-authentication-method=socket \
+        --skip-test-db >"$LOG/mariadb-install.out" 2>&1 || { tail_log "$LOG/mariadb-install.out"; die "mariadb-install-db failed"; }
+    fi
+    log "starting MariaDB in $NS_LOGIN (127.0.0.1:$DB_PORT there)"
+    rm -f "$MYSQL_RUN/mysqld.sock"
+    start_daemon mariadb "$NS_LOGIN" "$LOGIN_HOST" /usr/sbin/mariadbd --defaults-file="$MYCNF"
+    if ! wait_until 60 "MariaDB answers ping" db_ping; then
+      tail_log "$LOG/mariadb.out" "$LOG/mariadb.err"; die "MariaDB did not start"
+    fi
+    sha_of "$MYCNF" >"$RUN/mariadb.confsha"
+  fi
+  local pw; pw=$(cat "$MYSQL_DIR/slurm.pass")
+  mariadb --defaults-file="$MYCNF" -uroot <<SQL || die "could not set up the accounting database"
+CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$pw';
+CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$pw';
+ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$pw';
+ALTER USER 'slurm'@'localhost' IDENTIFIED BY '$pw';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
+FLUSH PRIVILEGES;
+SQL
+  # slurmdbd
+  stop_pid "$SLURM_RUN/slurmdbd.pid" slurmdbd
+  log "starting slurmdbd in $NS_LOGIN"
+  touch "$LOG/slurmdbd.log"; chown slurm:slurm "$LOG/slurmdbd.log"
+  start_daemon slurmdbd "$NS_LOGIN" "$LOGIN_HOST" env SLURM_CONF="$SLURM_CONF" /usr/sbin/slurmdbd
+  if ! wait_until 60 "slurmdbd answers sacctmgr" dbd_up; then
+    tail_log "$LOG/slurmdbd.out" "$LOG/slurmdbd.log"; die "slurmdbd did not start"
+  fi
+  sha_of "$SLURM_DIR/slurmdbd.conf" "$MYCNF" >"$RUN/slurmdbd.confsha"
+}
+
+# sacctmgr needs a slurm.conf that names slurmdbd: while accounting is off, use a private copy that does.
+sacctmgr_acct() {
+  if [ "$(accounting_mode)" = on ]; then
+    sacctmgr "$@"
+  else
+    render_slurm_conf on >"$RUN/slurm-acct.conf"
+    SLURM_CONF=$RUN/slurm-acct.conf sacctmgr "$@"
+  fi
+}
+
+# cluster, account and the test user's association in the accounting database (one query when all exist)
+ensure_associations() {
+  local want="$CLUSTER_NAME|$ACCOUNT|$TEST_USER" out
+  if ! out=$(sacctmgr_acct -n -P show assoc where cluster="$CLUSTER_NAME" account="$ACCOUNT" user="$TEST_USER" \
+             format=cluster,account,user 2>&1); then
+    log "slurmdbd does not answer ($out): restarting it"
+    ensure_dbd force
+    out=$(sacctmgr_acct -n -P show assoc where cluster="$CLUSTER_NAME" account="$ACCOUNT" user="$TEST_USER" \
+          format=cluster,account,user) || die "slurmdbd does not answer"
+  fi
+  echo "$out" | grep -qxF "$want" && return 0
+  sacctmgr_acct -n -P show cluster format=cluster | grep -qx "$CLUSTER_NAME" \
+    || sacctmgr_acct -i add cluster "$CLUSTER_NAME" >/dev/null || die "sacctmgr add cluster failed"
+  sacctmgr_acct -n -P show account "$ACCOUNT" format=account | grep -qx "$ACCOUNT" \
+    || sacctmgr_acct -i add account "$ACCOUNT" Cluster="$CLUSTER_NAME" Description="hpcseg tests" Organization=hpcseg >/dev/null \
+    || die "sacctmgr add account failed"
+  sacctmgr_acct -i add user "$TEST_USER" Account="$ACCOUNT" DefaultAccount="$ACCOUNT" Cluster="$CLUSTER_NAME" >/dev/null \
+    || die "sacctmgr add user failed"
+}
+
+# ---- cluster.json ------------------------------------------------------------------------------------------
+write_cluster_json() {
+  local fp ktype acct
+  fp=$(ssh-keygen -lf "$HOST_KEY.pub" | awk '{print $2}')
+  ktype=$(awk '{print $1}' "$HOST_KEY.pub")
+  if [ "$(accounting_mode)" = on ]; then acct=True; else acct=False; fi
+  "$SYS_PYTHON" - "$CLUSTER_JSON" <<EOF
+import json, os, sys
+path = sys.argv[1]
+data = {
+    "host": "$LOGIN_IP",
+    "port": 22,
+    "user": "$TEST_USER",
+    "key_path": "$CLIENT_KEY",
+    "wrong_key_path": "$WRONG_KEY",
+    "known_hosts": "$KNOWN_HOSTS",
+    "host_key_fingerprint": "$fp",
+    "host_key_type": "$ktype",
+    "login_node": "$LOGIN_HOST",
+    "compute_node": "$COMPUTE_HOST",
+    "compute_ip": "$COMPUTE_IP",
+    "partition": "$PARTITION",
+    "gpus": $NGPUS,
+    "cpus": $NCPUS,
+    "slurm_conf": "$SLURM_CONF",
+    "python": "$VENV/bin/python",
+    "venv": "$VENV",
+    "home": "$TEST_HOME",
+    "account": "$ACCOUNT",
+    "cluster_name": "$CLUSTER_NAME",
+    "accounting": $acct,
+    "netns_login": "$NS_LOGIN",
+    "netns_compute": "$NS_COMPUTE",
+    "link_devices": ["$VETH_ROOT", "$NS_LOGIN:$VETH_LOGIN"],
+    "scripts_dir": "$CLUSTER_DIR",
+    "state_dir": "$STATE",
+}
+tmp = path + ".tmp"
+with open(tmp, "w") as f:
+    json.dump(data, f, indent=2)
+    f.write("\n")
+os.chmod(tmp, 0o644)
+os.replace(tmp, path)
+EOF
+}

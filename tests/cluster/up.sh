@@ -1,0 +1,279 @@
+#!/usr/bin/env bash
+# Start (or repair) the hpcseg test cluster and write $STATE/cluster.json. Idempotent; run as root.
+#   usage: up.sh [REPO_DIR]      REPO_DIR: the hpcseg checkout to install into the cluster's venv
+#                                (default: the repo that holds this script)
+# Exit 0 only when every check passed; otherwise prints the reason and exits non-zero.
+# Leaves accounting ON and the root<->login link fast (the state every test session starts from).
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+require_root
+
+REPO_DIR=${1:-$(cd "$CLUSTER_DIR/../.." && pwd)}
+REPO_DIR=$(cd "$REPO_DIR" && pwd) || die "no such repo dir: ${1:-}"
+[ -f "$REPO_DIR/pyproject.toml" ] || die "$REPO_DIR has no pyproject.toml"
+
+T0=$(date +%s%N)
+take_lock
+
+# Packages: quick when all present.
+bash "$CLUSTER_DIR/install.sh" || die "install.sh failed"
+
+# ---- directories --------------------------------------------------------------------------------------------
+install -d -m 0755 "$STATE" "$ETC" "$SLURM_DIR" "$RUN" "$LOG" "$SPOOL" "$SPOOL/slurmd" "$GPU_DEV_DIR" "$SSHD_DIR" "$MYSQL_DIR"
+install -d -m 0700 "$CLIENT_DIR"
+install -d -o slurm -g slurm -m 0755 "$SLURM_RUN" "$SPOOL/slurmctld"
+install -d -o mysql -g mysql -m 0755 "$MYSQL_RUN"
+install -d -o munge -g munge -m 0755 "$MUNGE_RUN"
+install -d -m 0755 /run/sshd
+
+# ---- the cluster's Python environment: built in the background while the daemons start ---------------------
+VENV_LOG=$LOG/venv.log
+(
+  exec 9>&- </dev/null >"$VENV_LOG" 2>&1
+  set -euo pipefail
+  src_sha=$(cd "$REPO_DIR" && {
+      echo "$REPO_DIR"
+      find hpcseg templates slurm pbs singularity pyproject.toml -type f \
+        ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 2>/dev/null | LC_ALL=C sort -z | xargs -0 -r sha256sum
+    } | sha256sum | cut -c1-64)
+  deps_sha=$(cat "$REPO_DIR/pyproject.toml" "$REPO_DIR/constraints.txt" 2>/dev/null | sha256sum | cut -c1-64)
+  py=$VENV/bin/python
+  if ! [ -x "$py" ] || ! "$py" -c 'import sys' >/dev/null 2>&1; then
+    echo "creating $VENV with $SYS_PYTHON"
+    rm -rf "$VENV" "$STATE/venv.deps.sha" "$STATE/venv.src.sha"
+    install -d -m 0755 "$(dirname "$VENV")"
+    "$SYS_PYTHON" -m venv "$VENV"
+  fi
+  constraints=()
+  [ -f "$REPO_DIR/constraints.txt" ] && constraints=(-c "$REPO_DIR/constraints.txt")
+  reinstall_self() {
+    # hatchling inside the venv lets the package be rebuilt without an isolated build env (~1 s instead of ~4 s)
+    if "$py" -c 'import hatchling' >/dev/null 2>&1; then
+      "$py" -m pip install --no-input --no-deps --force-reinstall --no-build-isolation "$REPO_DIR"
+    else
+      "$py" -m pip install --no-input --no-deps --force-reinstall "$REPO_DIR"
+    fi
+  }
+  if [ "$(cat "$STATE/venv.deps.sha" 2>/dev/null)" != "$deps_sha" ]; then
+    echo "installing $REPO_DIR[server] with its dependencies"
+    "$py" -m pip install --no-input "${constraints[@]}" "$REPO_DIR[server]" hatchling
+    reinstall_self
+    (cd / && "$py" -c 'import torch, monai, hpcseg; print("torch", torch.__version__, "monai", monai.__version__, "hpcseg", hpcseg.__file__)')
+    echo "$deps_sha" >"$STATE/venv.deps.sha"
+    echo "$src_sha" >"$STATE/venv.src.sha"
+  elif [ "$(cat "$STATE/venv.src.sha" 2>/dev/null)" != "$src_sha" ]; then
+    echo "reinstalling the hpcseg package only (sources changed)"
+    reinstall_self
+    (cd / && "$py" -c 'import hpcseg; print("hpcseg", hpcseg.__file__)')
+    echo "$src_sha" >"$STATE/venv.src.sha"
+  else
+    echo "venv up to date"
+    exit 0
+  fi
+  chmod -R a+rX "$VENV"   # the test user runs it
+) &
+VENV_PID=$!
+# never leave a pip run behind (a later up.sh would race with it)
+trap 'kill -0 $VENV_PID 2>/dev/null && { log "waiting for the venv build to finish"; wait $VENV_PID; } || true' EXIT
+
+# ---- munge key, users, keys -------------------------------------------------------------------------------
+if [ ! -s /etc/munge/munge.key ]; then
+  log "creating /etc/munge/munge.key"
+  install -d -o munge -g munge -m 0700 /etc/munge
+  mungekey --create --keyfile=/etc/munge/munge.key 2>/dev/null || dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 2>/dev/null
+  chown munge:munge /etc/munge/munge.key; chmod 0400 /etc/munge/munge.key
+fi
+
+if ! id "$TEST_USER" >/dev/null 2>&1; then
+  log "creating user $TEST_USER"
+  useradd -m -d "$TEST_HOME" -s /bin/bash -c "hpcseg test user" "$TEST_USER"
+fi
+[ "$(getent passwd "$TEST_USER" | cut -d: -f7)" = /bin/bash ] || usermod -s /bin/bash "$TEST_USER"
+[ "$(getent shadow "$TEST_USER" | cut -d: -f2)" = '*' ] || usermod -p '*' "$TEST_USER"   # unlocked, no password
+install -d -o "$TEST_USER" -g "$TEST_USER" -m 0755 "$TEST_HOME"
+install -d -o "$TEST_USER" -g "$TEST_USER" -m 0700 "$TEST_HOME/.ssh"
+
+new_client_key=0
+if [ ! -s "$CLIENT_KEY" ] || [ ! -s "$CLIENT_KEY.pub" ]; then
+  rm -f "$CLIENT_KEY" "$CLIENT_KEY.pub"
+  ssh-keygen -q -t ed25519 -N '' -C hpcseg-testcluster-client -f "$CLIENT_KEY"
+  new_client_key=1
+fi
+if [ ! -s "$WRONG_KEY" ] || [ ! -s "$WRONG_KEY.pub" ]; then
+  rm -f "$WRONG_KEY" "$WRONG_KEY.pub"
+  ssh-keygen -q -t ed25519 -N '' -C hpcseg-testcluster-unauthorized -f "$WRONG_KEY"
+fi
+AUTH_KEYS=$TEST_HOME/.ssh/authorized_keys
+if [ "$new_client_key" = 1 ] || ! grep -qxF "$(cat "$CLIENT_KEY.pub")" "$AUTH_KEYS" 2>/dev/null; then
+  # a new client key replaces the old list; otherwise just make sure ours is in it
+  if [ "$new_client_key" = 1 ]; then cat "$CLIENT_KEY.pub" >"$AUTH_KEYS"; else cat "$CLIENT_KEY.pub" >>"$AUTH_KEYS"; fi
+fi
+chown "$TEST_USER:$TEST_USER" "$AUTH_KEYS"; chmod 0600 "$AUTH_KEYS"
+
+if [ ! -s "$HOST_KEY" ] || [ ! -s "$HOST_KEY.pub" ]; then
+  rm -f "$HOST_KEY" "$HOST_KEY.pub"
+  ssh-keygen -q -t ed25519 -N '' -C "$LOGIN_HOST" -f "$HOST_KEY"
+fi
+chmod 0600 "$HOST_KEY"
+write_if_changed "$KNOWN_HOSTS" 0644 root:root >/dev/null <<EOF
+$LOGIN_IP $(cut -d' ' -f1,2 "$HOST_KEY.pub")
+EOF
+
+[ -s "$MYSQL_DIR/slurm.pass" ] || { head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$MYSQL_DIR/slurm.pass"; }
+chmod 0600 "$MYSQL_DIR/slurm.pass"
+
+# ---- fake GPUs: character devices (regular files are rejected by slurmd) ---------------------------------
+for i in $(seq 0 $((NGPUS - 1))); do
+  dev=$GPU_DEV_DIR/nvidia$i
+  if [ ! -c "$dev" ]; then rm -f "$dev"; mknod -m 0666 "$dev" c 195 "$i"; fi
+done
+
+# ---- config files -------------------------------------------------------------------------------------------
+write_if_changed "$HOSTS_FILE" 0644 root:root >/dev/null <<EOF
+127.0.0.1 localhost
+::1 localhost ip6-localhost ip6-loopback
+$LOGIN_IP $LOGIN_HOST
+$COMPUTE_IP $COMPUTE_HOST
+EOF
+
+# Every test session starts with accounting on (accounting.sh off switches it off for a test).
+echo on >"$ACCOUNTING_FLAG"
+write_slurm_conf
+
+write_if_changed "$SLURM_DIR/gres.conf" 0644 root:root >/dev/null <<EOF
+NodeName=$COMPUTE_HOST Name=gpu File=$GPU_DEV_DIR/nvidia[0-$((NGPUS - 1))]
+EOF
+write_if_changed "$SLURM_DIR/plugstack.conf" 0644 root:root >/dev/null <<EOF
+optional /usr/lib/x86_64-linux-gnu/slurm-wlm/spank_pbs.so
+EOF
+write_if_changed "$SLURM_DIR/slurmdbd.conf" 0600 slurm:slurm >/dev/null <<EOF
+AuthType=auth/munge
+DbdHost=$LOGIN_HOST
+DbdPort=$DBD_PORT
+SlurmUser=slurm
+DebugLevel=info
+LogFile=$LOG/slurmdbd.log
+PidFile=$SLURM_RUN/slurmdbd.pid
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=$(cat "$MYSQL_DIR/slurm.pass")
+StorageLoc=slurm_acct_db
+EOF
+touch "$LOG/mariadb.err"; chown mysql:mysql "$LOG/mariadb.err"
+write_if_changed "$MYCNF" 0644 root:root >/dev/null <<EOF
+[client]
+socket=$MYSQL_RUN/mysqld.sock
+
+[mysqld]
+user=mysql
+datadir=$MYSQL_DIR/data
+socket=$MYSQL_RUN/mysqld.sock
+pid-file=$MYSQL_RUN/mysqld.pid
+log-error=$LOG/mariadb.err
+bind-address=127.0.0.1
+port=$DB_PORT
+skip-name-resolve
+performance_schema=OFF
+innodb_buffer_pool_size=64M
+innodb_log_file_size=32M
+innodb_flush_log_at_trx_commit=2
+innodb_use_native_aio=0
+innodb_lock_wait_timeout=900
+max_connections=100
+EOF
+
+write_if_changed "$SSHD_CONFIG" 0644 root:root >/dev/null <<EOF
+# hpcseg test cluster login node (network namespace $NS_LOGIN). Generated by tests/cluster/up.sh.
+ListenAddress $LOGIN_IP:22
+HostKey $HOST_KEY
+PidFile $RUN/sshd.pid
+AllowUsers $TEST_USER
+PermitRootLogin no
+PubkeyAuthentication yes
+AuthorizedKeysFile .ssh/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitEmptyPasswords no
+UsePAM no
+StrictModes yes
+AllowTcpForwarding yes
+AllowStreamLocalForwarding yes
+GatewayPorts no
+X11Forwarding no
+PermitTunnel no
+UseDNS no
+PrintMotd no
+PrintLastLog no
+MaxSessions 100
+MaxStartups 100:30:200
+LogLevel VERBOSE
+Subsystem sftp internal-sftp
+SetEnv SLURM_CONF=$SLURM_CONF
+EOF
+
+# ---- network ----------------------------------------------------------------------------------------------
+net_up
+# the link is fast unless a test makes it slow (link.sh slow); a crashed test must not leave it slow
+tc qdisc del dev "$VETH_ROOT" root >/dev/null 2>&1 || true
+ip netns exec "$NS_LOGIN" tc qdisc del dev "$VETH_LOGIN" root >/dev/null 2>&1 || true
+
+# ---- munge (root namespace; its socket file serves every namespace) ------------------------------------------
+munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+if ! munge_ok; then
+  stop_pid "$MUNGE_RUN/munged.pid" munged
+  log "starting munged"
+  install -d -o munge -g munge -m 0755 /run/munge /var/lib/munge /var/log/munge
+  touch "$LOG/munged.log"; chown munge:munge "$LOG/munged.log"; chmod 0640 "$LOG/munged.log"
+  setsid runuser -u munge -- /usr/sbin/munged --pid-file="$MUNGE_RUN/munged.pid" --log-file="$LOG/munged.log" \
+    </dev/null >>"$LOG/munged.out" 2>&1 9>&- || { tail_log "$LOG/munged.out" "$LOG/munged.log"; die "munged failed to start"; }
+  wait_until 20 "munge -n | unmunge" munge_ok || { tail_log "$LOG/munged.log"; die "munge does not work"; }
+fi
+
+# ---- accounting database, controller, compute node ---------------------------------------------------------
+ensure_dbd
+ensure_associations
+ensure_slurmctld
+if [ "$(running_config_accounting)" != accounting_storage/slurmdbd ]; then
+  log "slurmctld runs without accounting: restarting it with accounting"
+  stop_slurmctld; start_slurmctld
+fi
+ensure_slurmd
+wait_node_ready 60 || { tail_log "$LOG/slurmd.log" "$LOG/slurmctld.log"; die "node $COMPUTE_HOST is not idle"; }
+wait_until 30 "sacct answers" sacct_works || { sacct -n -X -S now-1minutes >&2 || true; die "sacct does not work"; }
+
+# ---- sshd on the login node -------------------------------------------------------------------------------
+sshd_sha() { sha_of "$SSHD_CONFIG" "$HOST_KEY"; }
+if ! { pid_ok "$RUN/sshd.pid" sshd "$NS_LOGIN" && [ "$(cat "$RUN/sshd.confsha" 2>/dev/null)" = "$(sshd_sha)" ]; }; then
+  stop_pid "$RUN/sshd.pid" sshd
+  /usr/sbin/sshd -t -f "$SSHD_CONFIG" || die "sshd config test failed"
+  log "starting sshd on $LOGIN_IP:22 in $NS_LOGIN"
+  start_daemon sshd "$NS_LOGIN" "$LOGIN_HOST" /usr/sbin/sshd -f "$SSHD_CONFIG" -E "$LOG/sshd.log"
+  wait_until 20 "sshd pid file" pid_ok "$RUN/sshd.pid" sshd "$NS_LOGIN" || { tail_log "$LOG/sshd.out" "$LOG/sshd.log"; die "sshd did not start"; }
+  sshd_sha >"$RUN/sshd.confsha"
+fi
+
+# ---- wait for the venv --------------------------------------------------------------------------------------
+if ! wait "$VENV_PID"; then
+  tail -n 40 "$VENV_LOG" >&2 || true
+  die "building $VENV failed (log: $VENV_LOG)"
+fi
+
+# ---- end-to-end check: key login with strict host key checking, Slurm and the venv as the test user ---------
+ssh_check() {
+  ssh -F /dev/null -i "$CLIENT_KEY" -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes \
+    -o UserKnownHostsFile="$KNOWN_HOSTS" -o ConnectTimeout=5 -o LogLevel=ERROR "$TEST_USER@$LOGIN_IP" \
+    "set -e; sinfo -h -n $COMPUTE_HOST -o %t >/dev/null; test -x $VENV/bin/python; test \"\$SLURM_CONF\" = $SLURM_CONF; echo ok"
+}
+out=""
+for i in 1 2 3 4 5 6 7 8 9 10; do
+  out=$(ssh_check 2>&1) && [ "$(echo "$out" | tail -n1)" = ok ] && break
+  sleep 0.3
+done
+[ "$(echo "$out" | tail -n1)" = ok ] || { echo "$out" >&2; tail_log "$LOG/sshd.log"; die "ssh login as $TEST_USER to $LOGIN_IP failed"; }
+
+net_ok || die "network check failed at the end"
+ip route get "$COMPUTE_IP" >/dev/null 2>&1 && die "$COMPUTE_IP is routable from the root namespace" || true
+
+write_cluster_json
+log "cluster up in $(( ($(date +%s%N) - T0) / 1000000 )) ms: ssh $TEST_USER@$LOGIN_IP, node $COMPUTE_HOST $(node_state), $CLUSTER_JSON"

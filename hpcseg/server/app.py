@@ -1,0 +1,324 @@
+"""The inference server's HTTP face: ``create_app(settings)`` builds it, nothing happens at import time.
+
+Routes (every one needs the job's token, see :mod:`hpcseg.server.auth`, except ``GET /auth/`` and
+``POST /auth/token``):
+
+=================================  ================================================================================
+``GET /info/``                     MONAI Label's app info (models, labels) + ``failed``, ``loading``, ``hpcseg``
+``GET /auth/``, ``POST /auth/token``, ``GET /auth/token/valid``   MONAI Label's auth handshake
+``GET /health/live``               the process answers
+``GET /health/ready``              200 when every loadable model is loaded and warm, else 503; per-model state
+``PUT /session/``                  upload an image once (multipart ``files``); -> ``session_id``, expiry
+``GET|DELETE /session/{id}``       read (counters, geometry) or drop a session; unknown 404, expired 410
+``POST /infer/{model}``            MONAI Label's infer: multipart ``params`` (JSON) + ``file`` or ``?session_id=``
+``POST /reload``, ``/models/reload``  re-read the models directories (new fine-tuned versions) without a restart
+=================================  ================================================================================
+
+Inference code knows nothing of HTTP: this module decodes, calls ``Model.infer`` in a worker thread (``workers``
+at a time: one GPU), checks the mask is in the input's geometry, and encodes. Wire formats live in
+:mod:`hpcseg.server.wire`.
+
+Example::
+
+    app = create_app(ServerSettings(models_dirs=[Path("models")], token=secrets.token_urlsafe(32)))
+    uvicorn.run(app)          # hpcseg.server.__main__ does this on a socket it bound itself
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+
+from hpcseg import __version__
+from hpcseg.errors import ImageError, ServerError
+from hpcseg.server import wire
+from hpcseg.server.auth import TokenAuthMiddleware, tokens_equal
+from hpcseg.server.registry import ModelRegistry
+from hpcseg.server.runtime import RequestLogMiddleware, Runtime, ServerSettings, ShuttingDown
+from hpcseg.server.sessions import Session, SessionGone, SessionNotFound, SessionStore
+
+log = logging.getLogger("hpcseg.server")
+T = TypeVar("T")
+
+__all__ = ["ServerSettings", "create_app"]
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    """A FastAPI app serving the models under ``settings.models_dirs``; starts loading them at startup."""
+    registry = ModelRegistry(settings.models_dirs, device=settings.device, loader=settings.loader,
+                             warmup=settings.warmup)
+    sessions = SessionStore(ttl=settings.session_ttl, max_sessions=settings.max_sessions)
+    rt = Runtime(settings=settings, registry=registry, sessions=sessions)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        rt.bind_loop(asyncio.get_running_loop())
+        registry.start()
+        purger = asyncio.create_task(_purge_sessions(rt))
+        try:
+            yield
+        finally:
+            rt.shutting_down.set()
+            purger.cancel()
+            sessions.clear()
+
+    app = FastAPI(title="hpcseg inference server", version=__version__, lifespan=lifespan,
+                  description="MONAI Label-compatible segmentation server run inside an HPC job.")
+    app.state.runtime = rt
+    _add_routes(app, rt)
+    _add_error_handlers(app)
+    # Outermost first: the log/byte counter sees every request, then the token check, then the routes.
+    app.add_middleware(TokenAuthMiddleware, token=settings.token, allow_path_token=settings.allow_path_token)
+    app.add_middleware(RequestLogMiddleware, runtime=rt)
+    return app
+
+
+async def _purge_sessions(rt: Runtime) -> None:
+    while True:
+        await asyncio.sleep(min(30.0, rt.settings.session_ttl / 4))
+        n = rt.sessions.purge_expired()
+        if n:
+            log.info("%d session(s) expired", n)
+
+
+def _add_routes(app: FastAPI, rt: Runtime) -> None:  # noqa: C901 - one closure per route keeps them together
+    settings, registry, sessions = rt.settings, rt.registry, rt.sessions
+
+    # --- MONAI Label's auth handshake ------------------------------------------------------------------------
+    @app.get("/auth/", summary="Is auth enabled? (open: MONAI Label's clients ask before they have a token)")
+    async def auth_enabled() -> dict[str, Any]:
+        return {"enabled": True, "client_id": "hpcseg", "realm": None}
+
+    @app.post("/auth/token", summary="OAuth2 password form: any username, the job's token as password")
+    async def auth_token(password: str = Form(...), username: str = Form(""), grant_type: str = Form("password")):
+        if not tokens_equal(password, settings.token):
+            return JSONResponse({"detail": "invalid token"}, status_code=401,
+                                headers={"WWW-Authenticate": 'Bearer realm="hpcseg", error="invalid_token"'})
+        # The caller proved it holds the token, so the bearer token is the token itself: nothing new to leak.
+        return {"access_token": settings.token, "token_type": "bearer"}
+
+    @app.get("/auth/token/valid", summary="Is the presented token valid?")
+    async def auth_valid() -> dict[str, Any]:
+        return {"username": "hpcseg", "email": None, "name": "hpcseg", "roles": ["monailabel-user"]}
+
+    # --- hpcseg's health and info ------------------------------------------------------------------------------
+    @app.get("/health/live", summary="The process answers")
+    async def live() -> dict[str, Any]:
+        return {"status": "alive", "uptime": round(time.time() - rt.started, 1), "version": __version__}
+
+    @app.get("/health/ready", summary="200 when every loadable model is loaded and warm, else 503")
+    async def ready() -> JSONResponse:
+        body = {"ready": registry.ready(), "state": registry.state(), "version": __version__,
+                "models": {e.name: e.status() for e in registry.entries()}}
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    @app.get("/info/", summary="MONAI Label's app info, plus failed/loading models and hpcseg's extras")
+    async def info() -> dict[str, Any]:
+        return rt.info()
+
+    @app.post("/reload", summary="Re-read the models directories; load new or changed versions")
+    @app.post("/models/reload", include_in_schema=False)
+    async def reload(wait: bool = True) -> JSONResponse:
+        thread = registry.reload(background=True)
+        if wait:
+            await _run_blocking(rt, thread.join, gpu=False)
+        return JSONResponse(rt.info(), status_code=200 if wait else 202)
+
+    # --- sessions -----------------------------------------------------------------------------------------------
+    @app.put("/session/", summary="Upload an image once; later prompts name the session instead")
+    async def create_session(request: Request, files: list[UploadFile] = File(...), uncompress: bool = False,
+                             expiry: int = 0) -> dict[str, Any]:
+        datas = [(f.filename or "", f.content_type or "", await f.read()) for f in files]
+        image = await _run_blocking(rt, wire.decode_uploads, datas, uncompress, gpu=False)
+        upload_bytes = rt.request_bytes(request)
+        name = datas[0][0] if len(datas) == 1 else f"{len(datas)} files"
+        s = sessions.add(image, upload_bytes=upload_bytes, name=name, ttl=expiry or None)
+        log.info("session %s: %s %s voxels, %d bytes received", s.id[:8], name, "x".join(map(str, image.GetSize())),
+                 upload_bytes)
+        return {"session_id": s.id, "session_info": s.to_json(), "expiry": int(s.ttl), "expires_ts": int(s.expires)}
+
+    @app.get("/session/{session_id}", summary="A session's info and counters (image=true: its image)")
+    async def get_session(session_id: str, update_ts: bool = False, image: bool = False) -> Any:
+        s = _session(rt, session_id, touch=update_ts)
+        if image:
+            data, media_type, ext = await _run_blocking(rt, wire.encode_image, s.image, wire.NIFTI_GZ, gpu=False)
+            return Response(data, media_type=media_type,
+                            headers={"Content-Disposition": f'attachment; filename="{s.id}{ext}"'})
+        return s.to_json()
+
+    @app.delete("/session/{session_id}", summary="Drop a session now")
+    async def delete_session(session_id: str) -> dict[str, Any]:
+        try:
+            return sessions.remove(session_id).to_json()
+        except (SessionNotFound, SessionGone) as exc:
+            raise _session_error(session_id, exc) from None
+
+    # --- inference ------------------------------------------------------------------------------------------------
+    @app.post("/infer/{model}", summary="Segment an uploaded image or a session's image (MONAI Label's infer)")
+    async def infer(request: Request, model: str, image: str = "", session_id: str = "", output: str | None = None,
+                    params: str = Form("{}"), file: UploadFile | None = File(None),
+                    label: UploadFile | None = File(None)) -> Response:
+        if rt.shutting_down.is_set():
+            raise HTTPException(503, "the server is shutting down", headers={"Connection": "close"})
+        if output not in (None, "", "image", "json", "all"):
+            raise HTTPException(400, f"output={output!r} is not supported here: use image, json or all")
+        p = _params(params)
+        served = _model(rt, model)
+        mdl, version = served
+        session = None
+        if session_id:
+            session = _session(rt, session_id)
+            img = session.image
+        elif file is not None:
+            datas = [(file.filename or "", file.content_type or "", await file.read())]
+            img = await _run_blocking(rt, wire.decode_uploads, datas, False, gpu=False)
+        else:
+            where = f" (image={image!r} names a datastore entry)" if image else ""
+            raise HTTPException(400, f"send the image as the `file` part or name a `session_id`{where}: "
+                                     "this server keeps no datastore")
+        if label is not None:
+            ldata = [(label.filename or "", label.content_type or "", await label.read())]
+            p["label_image"] = await _run_blocking(rt, wire.decode_uploads, ldata, False, gpu=False)
+        nbytes = rt.request_bytes(request)
+        if session is not None:
+            session.count_request(nbytes)
+        names = wire.label_names(mdl, p)  # before inferring: an unknown label is a 400 now, not after a minute
+        warnings = await _run_blocking(rt, wire.qa_warnings, mdl, img, gpu=False)
+        t0 = time.monotonic()
+        mask = await _run_blocking(rt, mdl.infer, img, dict(p), gpu=True)
+        t1 = time.monotonic()
+        mask = wire.conform_mask(mask, img, model, p.get("result_dtype"))
+        result = {
+            "label_names": names, "model": model, "model_version": version,
+            "latencies": {"infer": round(t1 - t0, 3)}, "request_bytes": nbytes, "warnings": warnings,
+        }
+        if session is not None:
+            result["session_id"] = session.id
+        log.info("infer %s v%s: %s voxels in %.2f s (%d request bytes)", model, version,
+                 "x".join(map(str, img.GetSize())), t1 - t0, nbytes)
+        headers = {"X-HPCSeg-Model-Version": str(version), "X-HPCSeg-Model": wire.header_safe(model)}
+        if output == "json":
+            return JSONResponse(result, headers=headers)
+        media_type = wire.negotiate(request.headers.get("accept", ""), p.get("result_extension"))
+        data, media_type, ext = await _run_blocking(rt, wire.encode_image, mask, media_type, gpu=False)
+        result["latencies"]["total"] = round(time.monotonic() - t0, 3)
+        filename = wire.result_filename(model, ext)
+        if output == "image":
+            headers["X-HPCSeg-Result"] = json.dumps(result, ensure_ascii=True, separators=(",", ":"))
+            headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+            return Response(data, media_type=media_type, headers=headers)
+        body, content_type = wire.multipart(result, data, filename, media_type)
+        return Response(body, media_type=content_type, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """hpcseg's own errors from models and codecs become HTTP answers with a sentence, never a bare 500."""
+
+    @app.exception_handler(ServerError)
+    async def server_error(request: Request, exc: ServerError) -> JSONResponse:
+        status = exc.status if exc.status and 400 <= exc.status < 600 else 500
+        return JSONResponse({"detail": exc.message, "hint": exc.hint}, status_code=status)
+
+    @app.exception_handler(ImageError)
+    async def image_error(request: Request, exc: ImageError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message, "hint": exc.hint}, status_code=400)
+
+    @app.exception_handler(wire.ModelOutputError)
+    async def model_output_error(request: Request, exc: wire.ModelOutputError) -> JSONResponse:
+        log.error("%s", exc)
+        return JSONResponse({"detail": str(exc)}, status_code=500)
+
+
+def _params(params: str) -> dict[str, Any]:
+    try:
+        p = json.loads(params) if params else {}
+    except json.JSONDecodeError as exc:
+        raise HTTPException(400, f"params is not valid JSON: {exc}") from exc
+    if not isinstance(p, dict):
+        raise HTTPException(400, "params must be a JSON object")
+    return p
+
+
+def _model(rt: Runtime, name: str) -> tuple[Any, str | None]:
+    served = rt.registry.get(name)
+    if served is not None:
+        return served
+    entry = rt.registry.entry(name)
+    if entry is None:
+        available = ", ".join(e.name for e in rt.registry.entries()) or "none"
+        raise HTTPException(404, f"model {name!r} is not served here (available: {available})")
+    if entry.state == "failed":
+        raise HTTPException(503, f"model {name!r} failed to load: {entry.error}")
+    raise HTTPException(503, f"model {name!r} is still loading", headers={"Retry-After": "5"})
+
+
+def _session(rt: Runtime, session_id: str, *, touch: bool = True) -> Session:
+    try:
+        return rt.sessions.get(session_id, touch=touch)
+    except (SessionNotFound, SessionGone) as exc:
+        raise _session_error(session_id, exc) from None
+
+
+def _session_error(session_id: str, exc: KeyError) -> HTTPException:
+    if isinstance(exc, SessionGone):
+        return HTTPException(410, f"session {session_id} is gone ({exc.reason}): upload the image again")
+    return HTTPException(404, f"session {session_id} not found (deleted, or never created on this server)")
+
+
+async def _run_blocking(rt: Runtime, fn: Callable[..., T], *args: Any, gpu: bool) -> T:
+    """Run ``fn`` in a daemon thread; give up (503) if the server starts shutting down meanwhile.
+
+    A daemon thread, not the default pool: a model busy for minutes must not hold the process after SIGTERM, and
+    the client gets a clear 503 within a fraction of a second instead of a hang.
+    """
+    slots = rt.gpu_slots if gpu else rt.cpu_slots
+    while True:
+        if rt.shutting_down.is_set():
+            raise ShuttingDown()
+        try:
+            await asyncio.wait_for(slots.acquire(), timeout=0.2)
+            break
+        except asyncio.TimeoutError:
+            continue
+    try:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+
+        def work() -> None:
+            try:
+                res: Any = fn(*args)
+                ok = True
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request
+                res, ok = exc, False
+            try:
+                loop.call_soon_threadsafe(_settle, fut, res, ok)
+            except RuntimeError:  # the loop is gone: the server stopped while we worked
+                pass
+
+        threading.Thread(target=work, name="hpcseg-gpu" if gpu else "hpcseg-io", daemon=True).start()
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=0.2)
+            if done:
+                return fut.result()
+            if rt.shutting_down.is_set():
+                raise ShuttingDown()
+    finally:
+        slots.release()
+
+
+def _settle(fut: asyncio.Future, res: Any, ok: bool) -> None:
+    if fut.done():
+        return
+    if ok:
+        fut.set_result(res)
+    else:
+        fut.set_exception(res)

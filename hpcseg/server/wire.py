@@ -1,0 +1,216 @@
+"""Bytes on the wire for images and masks: decoding uploads, encoding masks, MONAI Label's multipart answer.
+
+No HTTP here (the routes call these in worker threads). The codecs themselves are :mod:`hpcseg.imaging`'s; this
+module only names them for HTTP and picks one per request:
+
+- upload (a multipart file part): the part's ``Content-Type`` names hpcseg's codec, else the file name's suffix
+  (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``; what MONAI Label's clients send), else the magic bytes. Several
+  parts (or ``uncompress=true`` with an archive) are read as one DICOM series.
+- answer: ``Accept`` naming hpcseg's codec wins (the hpcseg client), then MONAI Label's ``result_extension``
+  param (its Slicer plugin asks for ``.nrrd``), else gzip-1 NIfTI, which every MONAI Label client reads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import SimpleITK as sitk
+
+from hpcseg import imaging
+from hpcseg.errors import ImageError
+
+NIFTI_GZ = imaging.CONTENT_TYPE_NIFTI
+ZSTD = imaging.CONTENT_TYPE_ZSTD
+ZSTD_SUFFIX = ".hsv"
+#: format -> (media type, file suffix); the first two are hpcseg's codecs, the rest what Slicer asks for.
+FORMATS: dict[str, tuple[str, str]] = {
+    ZSTD: (ZSTD, ZSTD_SUFFIX),
+    NIFTI_GZ: (NIFTI_GZ, ".nii.gz"),
+    ".nii.gz": (NIFTI_GZ, ".nii.gz"),
+    ".nii": ("application/octet-stream", ".nii"),
+    ".nrrd": ("application/octet-stream", ".nrrd"),
+    ".seg.nrrd": ("application/octet-stream", ".nrrd"),
+    ".mha": ("application/octet-stream", ".mha"),
+}
+_READABLE = (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm", ZSTD_SUFFIX)
+_DTYPES = {"uint8": sitk.sitkUInt8, "uint16": sitk.sitkUInt16, "int16": sitk.sitkInt16,
+           "int32": sitk.sitkInt32, "uint32": sitk.sitkUInt32}
+
+
+class ModelOutputError(RuntimeError):
+    """A model returned something that is not a label map on the input's voxel grid (a server-side bug)."""
+
+
+def codecs() -> list[str]:
+    """Media types this server reads and writes, best first (``/info/`` lists them for clients)."""
+    return [ZSTD, NIFTI_GZ]
+
+
+def decode_uploads(parts: list[tuple[str, str, bytes]], uncompress: bool = False) -> sitk.Image:
+    """One image from uploaded parts ``(filename, content_type, data)``; raises :class:`ImageError`."""
+    if not parts or not any(data for _, _, data in parts):
+        raise ImageError("no image data was uploaded")
+    if len(parts) == 1 and not uncompress:
+        return decode_one(*parts[0])
+    with tempfile.TemporaryDirectory(prefix="hpcseg-upload-") as tmp:
+        root = Path(tmp)
+        for i, (name, _, data) in enumerate(parts):
+            path = root / f"{i:05d}-{_safe_name(name)}"
+            path.write_bytes(data)
+            if uncompress:
+                try:
+                    shutil.unpack_archive(str(path), str(root / "x"))
+                except (shutil.ReadError, ValueError) as exc:
+                    raise ImageError(f"cannot unpack {name!r}: {exc}") from exc
+        return _read_series(root / "x" if uncompress else root)
+
+
+def decode_one(filename: str, content_type: str, data: bytes) -> sitk.Image:
+    """Decode one uploaded image by its content type, suffix or magic bytes."""
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype == ZSTD or data[:4] == b"HSV1" or _suffix(filename) == ZSTD_SUFFIX:
+        return imaging.decode(data, ZSTD)
+    suffix = _suffix(filename) or _suffix_from_magic(data)
+    if suffix == ".nii.gz" and data[:2] == b"\x1f\x8b":
+        return imaging.decode(data, NIFTI_GZ)
+    with tempfile.TemporaryDirectory(prefix="hpcseg-upload-") as tmp:
+        path = Path(tmp) / f"image{suffix}"
+        path.write_bytes(data)
+        try:
+            return imaging.read_image(path)
+        except ImageError as exc:
+            raise ImageError(f"cannot read the uploaded image {filename!r} as {suffix}: {exc.message}") from exc
+
+
+def _read_series(folder: Path) -> sitk.Image:
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    if len(files) == 1:
+        return decode_one(files[0].name, "", files[0].read_bytes())
+    if not files:
+        raise ImageError("the upload held no files")
+    parents = [p.parent for p in files]
+    return imaging.read_image(max(set(parents), key=parents.count))  # the largest DICOM series
+
+
+def encode_image(image: sitk.Image, fmt: str) -> tuple[bytes, str, str]:
+    """``(data, media_type, suffix)`` of ``image`` in format ``fmt`` (a key of :data:`FORMATS`)."""
+    media_type, suffix = FORMATS.get(fmt, FORMATS[NIFTI_GZ])
+    if media_type == ZSTD:
+        return imaging.encode(image, ZSTD), media_type, suffix
+    if suffix == ".nii.gz":
+        return imaging.encode(image, NIFTI_GZ), media_type, suffix
+    with tempfile.TemporaryDirectory(prefix="hpcseg-result-") as tmp:
+        path = Path(tmp) / f"mask{suffix}"
+        sitk.WriteImage(image, str(path), useCompression=suffix != ".nii")
+        return path.read_bytes(), media_type, suffix
+
+
+def negotiate(accept: str, result_extension: Any = None) -> str:
+    """The answer's format: hpcseg's codec if ``Accept`` names it, else MONAI Label's ``result_extension``."""
+    accepted = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    for fmt in (ZSTD, NIFTI_GZ):
+        if fmt in accepted:
+            return fmt
+    if isinstance(result_extension, str) and result_extension.lower() in FORMATS:
+        return result_extension.lower()
+    return NIFTI_GZ
+
+
+def conform_mask(mask: Any, image: sitk.Image, model: str, dtype: Any = None) -> sitk.Image:
+    """The mask on exactly the input's grid (size checked, geometry copied) as an integer label map."""
+    if isinstance(mask, np.ndarray):
+        arr = mask
+        mask = sitk.GetImageFromArray(arr)
+    if not isinstance(mask, sitk.Image):
+        raise ModelOutputError(f"model {model} returned {type(mask).__name__}, not an image")
+    if mask.GetSize() != image.GetSize():
+        raise ModelOutputError(f"model {model} returned a mask of size {mask.GetSize()} for an image of size "
+                               f"{image.GetSize()}")
+    mask.CopyInformation(image)
+    want = _DTYPES.get(str(dtype).lower()) if dtype else None
+    if want is None and mask.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        top = float(sitk.GetArrayViewFromImage(mask).max()) if mask.GetNumberOfPixels() else 0.0
+        want = sitk.sitkUInt8 if top < 256 else sitk.sitkUInt16
+    if want is not None and mask.GetPixelID() != want:
+        mask = sitk.Cast(mask, want)
+    return mask
+
+
+def label_names(model: Any, params: dict[str, Any]) -> dict[str, int]:
+    """The label names of this answer: the requested subset of the model's labels, or the prompted label.
+
+    Raises the model's ``ServerError(400)`` for a label it does not have (before any inference runs).
+    """
+    manifest = getattr(model, "manifest", None)
+    labels: dict[str, int] = dict(getattr(manifest, "labels", {}) or {})
+    if getattr(manifest, "type", "segmentation") in ("deepgrow", "dextr3d"):
+        # MONAI Label's Slicer plugin names the segment being drawn in "label"; the mask holds one object.
+        if isinstance(params.get("label"), str) and params["label"] and len(labels) <= 1:
+            return {params["label"]: next(iter(labels.values()), 1)}
+    if hasattr(model, "wanted_labels"):
+        return dict(model.wanted_labels(params))
+    wanted = params.get("label_names") or params.get("labels")
+    if isinstance(wanted, list) and wanted:
+        return {k: v for k, v in labels.items() if k in set(map(str, wanted))}
+    return labels
+
+
+def qa_warnings(model: Any, image: sitk.Image) -> list[str]:
+    """Input QA warnings (odd spacing, not CT-like values...) against what ``model`` expects."""
+    if hasattr(model, "check_input"):
+        return [str(w) for w in model.check_input(image)]
+    return [str(w) for w in imaging.check_input(image, {})]
+
+
+def multipart(result: dict[str, Any], data: bytes, filename: str, media_type: str) -> tuple[bytes, str]:
+    """MONAI Label's ``output=all`` answer: form field ``params`` (JSON) then the file part ``image``."""
+    boundary = uuid.uuid4().hex
+    head = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\n"
+        f"Content-Type: application/json\r\n\r\n{json.dumps(result)}\r\n"
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{filename}\"\r\n"
+        f"Content-Type: {media_type}\r\n\r\n"
+    ).encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def result_filename(model: str, suffix: str) -> str:
+    """A unique, safe file name for the mask (MONAI Label's client saves it under this name)."""
+    return f"{_safe_name(model)}-{uuid.uuid4().hex[:12]}{suffix}"
+
+
+def header_safe(text: str) -> str:
+    """``text`` percent-encoded where it is not plain ASCII (HTTP headers are latin-1)."""
+    return quote(text, safe=" !#$&'()*+,-./:;=?@[]^_`{|}~")
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name)[:100] or "file"
+
+
+def _suffix(filename: str) -> str | None:
+    low = filename.lower()
+    for s in (".seg.nrrd", *_READABLE):
+        if low.endswith(s):
+            return ".nrrd" if s == ".seg.nrrd" else s
+    return None
+
+
+def _suffix_from_magic(data: bytes) -> str:
+    if data[:2] == b"\x1f\x8b":
+        return ".nii.gz"
+    if data[:4] == b"NRRD":
+        return ".nrrd"
+    if len(data) > 348 and data[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return ".nii"
+    if len(data) > 132 and data[128:132] == b"DICM":
+        return ".dcm"
+    return ".nii.gz"

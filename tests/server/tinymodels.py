@@ -1,0 +1,72 @@
+"""Tiny real models for the server tests (real ``Model`` subclasses: the server cannot tell them from others).
+
+They are named by ``"loader": "tinymodels:<Class>"`` in a test model folder's manifest; the server process finds
+this module because the tests put ``tests/server`` on its ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import SimpleITK as sitk
+
+from hpcseg.server.models import Model, bad_request
+
+
+class Threshold(Model):
+    """Segmentation: label 1 (``body``) above -500 HU, label 2 (``bone``) above 300 HU."""
+
+    def load(self, device: str) -> None:
+        self.device = device
+        if self.manifest.extra.get("fail_load"):
+            raise RuntimeError("weights file is corrupt (on purpose)")
+
+    def infer(self, image: sitk.Image, params: dict) -> sitk.Image:
+        delay = float(params.get("sleep", 0))
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline:  # a long inference (the SIGTERM test)
+            time.sleep(0.05)
+        arr = sitk.GetArrayViewFromImage(image)
+        out = np.zeros(arr.shape, np.uint8)
+        out[arr > -500] = 1
+        out[arr > 300] = 2
+        self.keep_labels(out, params)
+        mask = sitk.GetImageFromArray(out)
+        mask.CopyInformation(image)
+        return mask
+
+
+class Grow(Model):
+    """Interactive (deepgrow): a ball of radius 3 voxels around each foreground click, minus background clicks."""
+
+    def load(self, device: str) -> None:
+        self.device = device
+
+    def infer(self, image: sitk.Image, params: dict) -> sitk.Image:
+        fg = params.get("foreground") or params.get("points")
+        if not fg:
+            raise bad_request("deepgrow needs at least one foreground point")
+        size = image.GetSize()
+        zz, yy, xx = np.ogrid[: size[2], : size[1], : size[0]]
+        out = np.zeros((size[2], size[1], size[0]), np.uint8)
+        for x, y, z in fg:
+            out[(xx - x) ** 2 + (yy - y) ** 2 + (zz - z) ** 2 <= 9] = 1
+        for x, y, z in params.get("background") or []:
+            out[(xx - x) ** 2 + (yy - y) ** 2 + (zz - z) ** 2 <= 9] = 0
+        mask = sitk.GetImageFromArray(out)
+        mask.CopyInformation(image)
+        return mask
+
+
+class Shrinker(Model):
+    """A buggy model: answers on a different grid (the server must refuse to pass that on)."""
+
+    def load(self, device: str) -> None:
+        self.device = device
+
+    def warmup(self) -> None:
+        pass
+
+    def infer(self, image: sitk.Image, params: dict) -> sitk.Image:
+        return sitk.Image([4, 4, 4], sitk.sitkUInt8)

@@ -246,13 +246,13 @@ class SSHShell:
             if not os.path.exists(path):
                 continue
             try:
-                keys.append(paramiko.PKey.from_path(path, passphrase=self._passphrases.get(path)))
+                keys.append(paramiko.PKey.from_path(path, self._passphrases.get(path)))
             except paramiko.PasswordRequiredException:
                 if not self._interactive:
                     log.warning("key %s needs a passphrase and no one is at the terminal; skipped", path)
                     continue
                 self._passphrases[path] = getpass.getpass(f"Passphrase for {path}: ")
-                keys.append(paramiko.PKey.from_path(path, passphrase=self._passphrases[path]))
+                keys.append(paramiko.PKey.from_path(path, self._passphrases[path]))
             except (OSError, paramiko.SSHException, ValueError) as exc:
                 log.warning("cannot load key %s: %s", path, exc)
         return keys

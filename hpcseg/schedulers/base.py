@@ -10,16 +10,20 @@ Example::
 
     statuses = drive(Slurm().status_query(["12", "13"]), shell)
     statuses["12"].state  # JobState.RUNNING
+
+Polling lives in :mod:`hpcseg.jobs`; :func:`backoff_intervals` gives it the delays between polls.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
+from ..errors import SchedulerError
 from ..shell import Result, Shell
 
 
@@ -35,7 +39,9 @@ class JobState(str, enum.Enum):
     TIMEOUT = "timeout"
     NODE_FAIL = "node_fail"
     OUT_OF_MEMORY = "out_of_memory"
-    #: no source (queue, history, accounting, exit-code file) knows the job any more
+    #: the job is over but the scheduler cannot say how: no source (queue, history, accounting) knows it any more,
+    #: or (Torque wrapper of Slurm) it reports "finished" without an exit status. The caller resolves it from the
+    #: exit-code file the job writes itself; the ``reason`` says which case it is.
     LOST = "lost"
     #: the query itself failed: keep the last known state and ask again; never read as finished
     UNKNOWN = "unknown"
@@ -58,7 +64,13 @@ _TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, 
 
 @dataclass
 class JobStatus:
-    """One job as the scheduler sees it."""
+    """One job as the scheduler sees it.
+
+    ``native_state`` is the scheduler's own word (``PENDING``, ``F``, ``S``); ``reason`` a phrase for the user
+    (why it waits, how it ended), with the scheduler's code in parentheses where it has one. Times are naive
+    datetimes in the cluster's local time, as the scheduler prints them. ``node`` is the host that runs the job
+    script (the first of the job's nodes), ``localhost`` for the local backend.
+    """
 
     job_id: str
     state: JobState
@@ -68,7 +80,10 @@ class JobStatus:
     start_time: datetime | None = None
     expected_start: datetime | None = None
     end_time: datetime | None = None
+    #: the job script's exit code as a shell reports it: 0-255, or 128+N when killed by signal N; None if unknown
     exit_code: int | None = None
+    #: the signal that killed the job script, when the scheduler says so
+    signal: int | None = None
     #: which query answered: squeue, scontrol, sacct, qstat, qstat-x, exit-code-file, ps, ...
     source: str = ""
 
@@ -133,10 +148,44 @@ class Scheduler(ABC):
 
     def parse_cancel(self, result: Result, job_ids: Sequence[str]) -> None:
         """Raise SchedulerError if the cancel failed for a reason other than the job being gone already."""
+        if not result.ok:
+            raise SchedulerError(f"cancelling {', '.join(job_ids)} failed: {stderr_tail(result)}",
+                                 hint="check the job with the scheduler's own tools", retryable=True)
 
     def check_commands(self, partition: str | None = None) -> list[tuple[str, Command]]:
         """(what, command) pairs for ``hpcseg config check``: each command exits 0 when that part is fine."""
         return []
+
+
+def unknown_statuses(job_ids: Sequence[str], reason: str, source: str) -> dict[str, JobStatus]:
+    """UNKNOWN for every id: the query failed, so the caller keeps the last state and asks again."""
+    return {j: JobStatus(j, JobState.UNKNOWN, reason=reason, source=source) for j in job_ids}
+
+
+def stderr_tail(result: Result, lines: int = 2) -> str:
+    """The last lines of a failed command's stderr (or stdout), joined for a reason or message."""
+    text = (result.stderr.strip() or result.stdout.strip()).splitlines()
+    return " / ".join(t.strip() for t in text[-lines:]) or f"exit code {result.exit_code}"
+
+
+_MONTHS = {m: i for i, m in enumerate(
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
+_CTIME = re.compile(r"^[A-Z][a-z]{2}\s+([A-Z][a-z]{2})\s+(\d{1,2})\s+(\d{1,2}):(\d{2}):(\d{2})\s+(\d{4})$")
+
+
+def parse_ctime(text: str) -> datetime | None:
+    """``Mon Nov  3 18:13:55 2026`` (C's ctime(3): PBS ``qstat -f``, Perl's ``localtime``, ``ps -o lstart``).
+
+    Parsed by hand, not with ``strptime("%a %b")``, whose names follow the process locale (Slicer sets one).
+    """
+    m = _CTIME.match(text.strip())
+    if not m or m.group(1) not in _MONTHS:
+        return None
+    mon, day, hh, mm, ss, year = m.groups()
+    try:
+        return datetime(int(year), _MONTHS[mon], int(day), int(hh), int(mm), int(ss))
+    except ValueError:
+        return None
 
 
 def drive(query: StatusQuery, shell: Shell, timeout: float = 60) -> dict[str, JobStatus]:
@@ -148,3 +197,22 @@ def drive(query: StatusQuery, shell: Shell, timeout: float = 60) -> dict[str, Jo
             cmd = query.send(res)
     except StopIteration as stop:
         return stop.value
+
+
+def backoff_intervals(start: float = 1.0, factor: float = 1.5, cap: float = 30.0) -> Iterator[float]:
+    """Endless delays (seconds) between status polls: ``start``, then times ``factor`` each time, at most ``cap``.
+
+    Pure (no sleeping, no clock): :mod:`hpcseg.jobs` sleeps them and restarts the generator when the state
+    changes. Polling fast at first catches a job that starts at once; backing off spares a busy controller
+    (Slurm's docs ask users not to poll squeue in tight loops).
+
+    >>> from itertools import islice
+    >>> [round(x, 2) for x in islice(backoff_intervals(1, 2, 5), 5)]
+    [1, 2, 4, 5, 5]
+    """
+    if start <= 0 or factor < 1 or cap < start:
+        raise ValueError("backoff_intervals needs start > 0, factor >= 1 and cap >= start")
+    delay = start
+    while True:
+        yield delay
+        delay = min(delay * factor, cap)

@@ -90,7 +90,7 @@ async def _purge_sessions(rt: Runtime) -> None:
             log.info("%d session(s) expired", n)
 
 
-def _add_routes(app: FastAPI, rt: Runtime) -> None:  # noqa: C901 - one closure per route keeps them together
+def _add_routes(app: FastAPI, rt: Runtime) -> None:
     settings, registry, sessions = rt.settings, rt.registry, rt.sessions
 
     # --- MONAI Label's auth handshake ------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def _add_routes(app: FastAPI, rt: Runtime) -> None:  # noqa: C901 - one closure 
         return {"enabled": True, "client_id": "hpcseg", "realm": None}
 
     @app.post("/auth/token", summary="OAuth2 password form: any username, the job's token as password")
-    async def auth_token(password: str = Form(...), username: str = Form(""), grant_type: str = Form("password")):
+    async def auth_token(password: str = Form(""), username: str = Form(""), grant_type: str = Form("password")):
         if not tokens_equal(password, settings.token):
             return JSONResponse({"detail": "invalid token"}, status_code=401,
                                 headers={"WWW-Authenticate": 'Bearer realm="hpcseg", error="invalid_token"'})
@@ -275,47 +275,59 @@ def _session_error(session_id: str, exc: KeyError) -> HTTPException:
 
 
 async def _run_blocking(rt: Runtime, fn: Callable[..., T], *args: Any, gpu: bool) -> T:
-    """Run ``fn`` in a daemon thread; give up (503) if the server starts shutting down meanwhile.
+    """Run ``fn`` in a daemon thread, ``workers`` at a time; answer 503 if the server starts shutting down meanwhile.
 
     A daemon thread, not the default pool: a model busy for minutes must not hold the process after SIGTERM, and
-    the client gets a clear 503 within a fraction of a second instead of a hang.
+    the client gets a clear 503 within a fraction of a second instead of a hang. The slot is given back when the
+    thread ends, not when the request gives up, so a second inference never overlaps a running one on the GPU.
     """
     slots = rt.gpu_slots if gpu else rt.cpu_slots
+    await _acquire(rt, slots)
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def work() -> None:
+        try:
+            res: Any = fn(*args)
+            ok = True
+        except BaseException as exc:  # handed to the awaiting request
+            res, ok = exc, False
+        try:
+            loop.call_soon_threadsafe(_settle, fut, res, ok, slots)
+        except RuntimeError:  # the loop is gone: the server stopped while we worked
+            pass
+
+    try:
+        threading.Thread(target=work, name="hpcseg-gpu" if gpu else "hpcseg-io", daemon=True).start()
+    except BaseException:
+        slots.release()
+        raise
     while True:
+        done, _ = await asyncio.wait({fut}, timeout=0.2)
+        if done:
+            return fut.result()
         if rt.shutting_down.is_set():
             raise ShuttingDown()
-        try:
-            await asyncio.wait_for(slots.acquire(), timeout=0.2)
-            break
-        except asyncio.TimeoutError:
-            continue
+
+
+async def _acquire(rt: Runtime, slots: asyncio.Semaphore) -> None:
+    """Wait for a slot in arrival order, giving up if the server starts shutting down."""
+    acq = asyncio.ensure_future(slots.acquire())
     try:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-
-        def work() -> None:
-            try:
-                res: Any = fn(*args)
-                ok = True
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request
-                res, ok = exc, False
-            try:
-                loop.call_soon_threadsafe(_settle, fut, res, ok)
-            except RuntimeError:  # the loop is gone: the server stopped while we worked
-                pass
-
-        threading.Thread(target=work, name="hpcseg-gpu" if gpu else "hpcseg-io", daemon=True).start()
         while True:
-            done, _ = await asyncio.wait({fut}, timeout=0.2)
+            done, _ = await asyncio.wait({acq}, timeout=0.2)
             if done:
-                return fut.result()
+                return
             if rt.shutting_down.is_set():
                 raise ShuttingDown()
-    finally:
-        slots.release()
+    except BaseException:
+        if not acq.cancel() and not acq.cancelled() and acq.exception() is None:
+            slots.release()  # it was granted just as we gave up
+        raise
 
 
-def _settle(fut: asyncio.Future, res: Any, ok: bool) -> None:
+def _settle(fut: asyncio.Future, res: Any, ok: bool, slots: asyncio.Semaphore) -> None:
+    slots.release()
     if fut.done():
         return
     if ok:

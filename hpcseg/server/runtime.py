@@ -206,10 +206,10 @@ class RequestLogMiddleware:
             nonlocal status, sent
             if msg["type"] == "http.response.start":
                 status = msg["status"]
-                extra = [(b"x-hpcseg-request-bytes", str(counter.total).encode()),
-                         (b"x-hpcseg-server-version", __version__.encode())]
-                if scope.get("hpcseg.authenticated"):
-                    extra.append((b"x-hpcseg-model-versions", self.rt.model_versions().encode()))
+                extra = [(b"x-hpcseg-request-bytes", str(counter.total).encode())]
+                if scope.get("hpcseg.authenticated"):  # strangers learn no versions
+                    extra += [(b"x-hpcseg-server-version", __version__.encode()),
+                              (b"x-hpcseg-model-versions", self.rt.model_versions().encode())]
                 msg = {**msg, "headers": [*msg.get("headers", []), *extra]}
             elif msg["type"] == "http.response.body":
                 sent += len(msg.get("body", b""))

@@ -68,6 +68,9 @@ def test_open_routes_reveal_nothing_and_token_form_checks_the_password(http):
     assert http.get("/auth/").json()["enabled"] is True
     bad = http.post("/auth/token", data={"username": "anyone", "password": WRONG, "grant_type": "password"})
     assert bad.status_code == 401 and bad.headers["www-authenticate"].startswith("Bearer")
+    assert http.post("/auth/token", data={"username": "anyone"}).status_code == 401
+    assert http.post("/auth/token").status_code == 401
+    assert "x-hpcseg-server-version" not in bad.headers
     ok = http.post("/auth/token", data={"username": "anyone", "password": TOKEN, "grant_type": "password"})
     assert ok.status_code == 200
     tok = ok.json()

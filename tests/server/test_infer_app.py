@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import json
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,25 @@ def test_reload_route_and_health(http):
     r = http.post("/reload", headers=H)
     assert r.status_code == 200 and "thr" in r.json()["models"]
     assert http.post("/models/reload?wait=false", headers=H).status_code == 202
+
+
+def test_one_inference_at_a_time_and_503_when_shutting_down(http, phantom):
+    import tinymodels
+
+    f = {"file": ("a.hsv", imaging.encode(phantom, imaging.CONTENT_TYPE_ZSTD), imaging.CONTENT_TYPE_ZSTD)}
+    tinymodels.Threshold.peak = 0
+    with ThreadPoolExecutor(3) as pool:
+        codes = list(pool.map(lambda _: http.post("/infer/thr?output=json", headers=H, files=f,
+                                                  data={"params": '{"sleep": 0.3}'}).status_code, range(3)))
+    assert codes == [200, 200, 200] and tinymodels.Threshold.peak == 1  # workers=1: one GPU, one at a time
+    rt = http.app.state.runtime
+    rt.shutting_down.set()
+    try:
+        r = http.post("/infer/thr", headers=H, files=f)
+        assert r.status_code == 503 and "shutting down" in r.json()["detail"]
+        assert r.headers["connection"] == "close"
+    finally:
+        rt.shutting_down.clear()
 
 
 def test_wire_helpers():

@@ -6,6 +6,7 @@ this module because the tests put ``tests/server`` on its ``PYTHONPATH``.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -15,7 +16,14 @@ from hpcseg.server.models import Model, bad_request
 
 
 class Threshold(Model):
-    """Segmentation: label 1 (``body``) above -500 HU, label 2 (``bone``) above 300 HU."""
+    """Segmentation: label 1 (``body``) above -500 HU, label 2 (``bone``) above 300 HU.
+
+    ``params["sleep"]`` makes it slow; ``active``/``peak`` count inferences running at once (in this process).
+    """
+
+    active = 0
+    peak = 0
+    lock = threading.Lock()
 
     def load(self, device: str) -> None:
         self.device = device
@@ -23,10 +31,17 @@ class Threshold(Model):
             raise RuntimeError("weights file is corrupt (on purpose)")
 
     def infer(self, image: sitk.Image, params: dict) -> sitk.Image:
-        delay = float(params.get("sleep", 0))
-        deadline = time.monotonic() + delay
-        while time.monotonic() < deadline:  # a long inference (the SIGTERM test)
-            time.sleep(0.05)
+        cls = type(self)
+        with cls.lock:
+            cls.active += 1
+            cls.peak = max(cls.peak, cls.active)
+        try:
+            deadline = time.monotonic() + float(params.get("sleep", 0))
+            while time.monotonic() < deadline:  # a long inference (the SIGTERM test)
+                time.sleep(0.05)
+        finally:
+            with cls.lock:
+                cls.active -= 1
         arr = sitk.GetArrayViewFromImage(image)
         out = np.zeros(arr.shape, np.uint8)
         out[arr > -500] = 1

@@ -2,7 +2,8 @@
 # Stop the hpcseg test cluster: cancel jobs, stop every daemon, delete the namespaces and the unreachable route.
 # Idempotent; run as root. Keeps $STATE (keys, accounting database, job id counter) and the venv, so the next
 # up.sh is quick and the host key stays the same.
-#   usage: down.sh [--purge]    --purge also deletes $STATE and /opt/hpcseg-cluster (a from-scratch start next)
+#   usage: down.sh [--purge]    --purge also deletes $STATE, /opt/hpcseg-cluster and the test user with its home
+#                               (the next up.sh starts from scratch, as on a new machine)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 require_root
 PURGE=0
@@ -33,6 +34,8 @@ net_down
 ip route del unreachable "$COMPUTE_NET" 2>/dev/null || true
 
 if [ "$PURGE" = 1 ]; then
-  rm -rf "$STATE" "$(dirname "$VENV")"
+  # job ids restart at 1 with a new database: the test user's old job folders must not outlive them
+  id "$TEST_USER" >/dev/null 2>&1 && userdel -r "$TEST_USER" >/dev/null 2>&1 || true
+  rm -rf "$TEST_HOME" "$STATE" "$(dirname "$VENV")"
 fi
 log "cluster down in $(( ($(date +%s%N) - T0) / 1000000 )) ms$([ "$PURGE" = 1 ] && echo ' (purged)')"

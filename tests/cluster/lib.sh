@@ -108,12 +108,15 @@ wait_until() {
 
 ns_inode() { stat -L -c %i "/run/netns/$1" 2>/dev/null || echo none; }
 
+# alive PID: the process exists and is not a zombie (reaping by PID 1 can lag here)
+alive() { local st; st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1; [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]; }
+
 # pid_ok PIDFILE COMM [NETNS]: the pid file names a live process with that command name (in that namespace)
 pid_ok() {
   local pidfile=$1 comm=$2 ns=${3:-} pid
   [ -s "$pidfile" ] || return 1
   pid=$(head -n1 "$pidfile" 2>/dev/null | tr -dc 0-9)
-  [ -n "$pid" ] && [ -d "/proc/$pid" ] || return 1
+  [ -n "$pid" ] && alive "$pid" || return 1
   [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ] || return 1
   if [ -n "$ns" ]; then
     [ "$(readlink "/proc/$pid/ns/net" 2>/dev/null)" = "net:[$(ns_inode "$ns")]" ] || return 1
@@ -126,10 +129,14 @@ stop_pid() {
   local pidfile=$1 comm=$2 pid i
   [ -s "$pidfile" ] || { rm -f "$pidfile"; return 0; }
   pid=$(head -n1 "$pidfile" 2>/dev/null | tr -dc 0-9)
-  if [ -n "$pid" ] && [ -d "/proc/$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ]; then
+  if [ -n "$pid" ] && alive "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ]; then
     kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
-    if [ -d "/proc/$pid" ]; then kill -KILL "$pid" 2>/dev/null || true; sleep 0.2; fi
+    for i in $(seq 1 150); do alive "$pid" || break; sleep 0.05; done
+    if alive "$pid"; then
+      log "$comm ($pid) ignored SIGTERM for 7.5 s: killing it"
+      kill -KILL "$pid" 2>/dev/null || true
+      for i in $(seq 1 40); do alive "$pid" || break; sleep 0.05; done
+    fi
   fi
   rm -f "$pidfile"
 }

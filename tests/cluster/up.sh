@@ -218,46 +218,51 @@ net_up
 tc qdisc del dev "$VETH_ROOT" root >/dev/null 2>&1 || true
 ip netns exec "$NS_LOGIN" tc qdisc del dev "$VETH_LOGIN" root >/dev/null 2>&1 || true
 
-# ---- munge (root namespace; its socket file serves every namespace) ------------------------------------------
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
-if ! munge_ok; then
-  stop_pid "$MUNGE_RUN/munged.pid" munged
-  log "starting munged"
-  install -d -o munge -g munge -m 0755 /run/munge /var/lib/munge /var/log/munge
-  touch "$LOG/munged.log"; chown munge:munge "$LOG/munged.log"; chmod 0640 "$LOG/munged.log"
-  setsid runuser -u munge -- /usr/sbin/munged --pid-file="$MUNGE_RUN/munged.pid" --log-file="$LOG/munged.log" \
-    </dev/null >>"$LOG/munged.out" 2>&1 9>&- || { tail_log "$LOG/munged.out" "$LOG/munged.log"; die "munged failed to start"; }
-  wait_until 20 "munge -n | unmunge" munge_ok || { tail_log "$LOG/munged.log"; die "munge does not work"; }
-fi
-
-# ---- accounting database, controller, compute node ---------------------------------------------------------
-ensure_dbd
-ensure_associations
-ensure_slurmctld
-if [ "$(running_config_accounting)" != accounting_storage/slurmdbd ]; then
-  log "slurmctld runs without accounting: restarting it with accounting"
-  stop_slurmctld; start_slurmctld
-fi
-ensure_slurmd
-wait_node_ready 60 || { tail_log "$LOG/slurmd.log" "$LOG/slurmctld.log"; die "node $COMPUTE_HOST is not idle"; }
-wait_until 30 "sacct answers" sacct_works || { sacct -n -X -S now-1minutes >&2 || true; die "sacct does not work"; }
-
-# ---- sshd on the login node -------------------------------------------------------------------------------
 sshd_sha() { sha_of "$SSHD_CONFIG" "$HOST_KEY"; }
-if ! { pid_ok "$RUN/sshd.pid" sshd "$NS_LOGIN" && [ "$(cat "$RUN/sshd.confsha" 2>/dev/null)" = "$(sshd_sha)" ]; }; then
-  stop_pid "$RUN/sshd.pid" sshd
-  /usr/sbin/sshd -t -f "$SSHD_CONFIG" || die "sshd config test failed"
-  log "starting sshd on $LOGIN_IP:22 in $NS_LOGIN"
-  start_daemon sshd "$NS_LOGIN" "$LOGIN_HOST" /usr/sbin/sshd -f "$SSHD_CONFIG" -E "$LOG/sshd.log"
-  wait_until 20 "sshd pid file" pid_ok "$RUN/sshd.pid" sshd "$NS_LOGIN" || { tail_log "$LOG/sshd.out" "$LOG/sshd.log"; die "sshd did not start"; }
-  sshd_sha >"$RUN/sshd.confsha"
-fi
 
-# ---- wait for the venv --------------------------------------------------------------------------------------
-if ! wait "$VENV_PID"; then
-  tail -n 40 "$VENV_LOG" >&2 || true
-  die "building $VENV failed (log: $VENV_LOG)"
-fi
+# Start whatever is not running (or runs an old config). Each step checks before it acts.
+daemons_up() {
+  # ---- munge (root namespace; its socket file serves every namespace) ------------------------------------------
+  if ! munge_ok; then
+    stop_pid "$MUNGE_RUN/munged.pid" munged
+    log "starting munged"
+    install -d -o munge -g munge -m 0755 /run/munge /var/lib/munge /var/log/munge
+    touch "$LOG/munged.log"; chown munge:munge "$LOG/munged.log"; chmod 0640 "$LOG/munged.log"
+    setsid runuser -u munge -- /usr/sbin/munged --pid-file="$MUNGE_RUN/munged.pid" --log-file="$LOG/munged.log" \
+      </dev/null >>"$LOG/munged.out" 2>&1 9>&- || { tail_log "$LOG/munged.out" "$LOG/munged.log"; die "munged failed to start"; }
+    wait_until 20 "munge -n | unmunge" munge_ok || { tail_log "$LOG/munged.log"; die "munge does not work"; }
+  fi
+
+  # ---- accounting database, controller, compute node ---------------------------------------------------------
+  ensure_dbd
+  ensure_associations
+  ensure_slurmctld
+  if [ "$(running_config_accounting)" != accounting_storage/slurmdbd ]; then
+    log "slurmctld runs without accounting: restarting it with accounting"
+    stop_slurmctld; start_slurmctld
+  fi
+  ensure_slurmd
+  wait_node_ready 60 || { tail_log "$LOG/slurmd.log" "$LOG/slurmctld.log"; die "node $COMPUTE_HOST is not idle"; }
+  wait_until 30 "sacct answers" sacct_works || { sacct -n -X -S now-1minutes >&2 || true; die "sacct does not work"; }
+
+  # ---- sshd on the login node -------------------------------------------------------------------------------
+  if ! { pid_ok "$RUN/sshd.pid" sshd "$NS_LOGIN" && [ "$(cat "$RUN/sshd.confsha" 2>/dev/null)" = "$(sshd_sha)" ]; }; then
+    stop_pid "$RUN/sshd.pid" sshd
+    /usr/sbin/sshd -t -f "$SSHD_CONFIG" || die "sshd config test failed"
+    log "starting sshd on $LOGIN_IP:22 in $NS_LOGIN"
+    start_daemon sshd "$NS_LOGIN" "$LOGIN_HOST" /usr/sbin/sshd -f "$SSHD_CONFIG" -E "$LOG/sshd.log"
+    wait_until 20 "sshd pid file" pid_ok "$RUN/sshd.pid" sshd "$NS_LOGIN" || { tail_log "$LOG/sshd.out" "$LOG/sshd.log"; die "sshd did not start"; }
+    sshd_sha >"$RUN/sshd.confsha"
+  fi
+}
+
+# All still alive at the end (a daemon that was dying when we looked would have passed the first checks)
+daemons_alive() {
+  munge_ok && pid_ok "$MYSQL_RUN/mysqld.pid" mariadbd "$NS_LOGIN" && pid_ok "$SLURM_RUN/slurmdbd.pid" slurmdbd "$NS_LOGIN" \
+    && pid_ok "$SLURM_RUN/slurmctld.pid" slurmctld "$NS_LOGIN" && ctld_up && pid_ok "$RUN/slurmd.pid" slurmd "$NS_COMPUTE" \
+    && pid_ok "$RUN/sshd.pid" sshd "$NS_LOGIN"
+}
 
 # ---- end-to-end check: key login with strict host key checking, Slurm and the venv as the test user ---------
 ssh_check() {
@@ -265,12 +270,27 @@ ssh_check() {
     -o UserKnownHostsFile="$KNOWN_HOSTS" -o ConnectTimeout=5 -o LogLevel=ERROR "$TEST_USER@$LOGIN_IP" \
     "set -e; sinfo -h -n $COMPUTE_HOST -o %t >/dev/null; test -x $VENV/bin/python; test \"\$SLURM_CONF\" = $SLURM_CONF; echo ok"
 }
-out=""
-for i in 1 2 3 4 5 6 7 8 9 10; do
-  out=$(ssh_check 2>&1) && [ "$(echo "$out" | tail -n1)" = ok ] && break
-  sleep 0.3
+ssh_ok_retry() {
+  local i
+  SSH_OUT=""
+  for i in 1 2 3 4 5 6 7 8 9 10; do
+    SSH_OUT=$(ssh_check 2>&1) && [ "$(echo "$SSH_OUT" | tail -n1)" = ok ] && return 0
+    sleep 0.3
+  done
+  return 1
+}
+
+for pass in 1 2 3; do
+  daemons_up
+  if [ "$pass" = 1 ] && ! wait "$VENV_PID"; then
+    tail -n 40 "$VENV_LOG" >&2 || true
+    die "building $VENV failed (log: $VENV_LOG)"
+  fi
+  ssh_ok_retry || { echo "$SSH_OUT" >&2; tail_log "$LOG/sshd.log"; die "ssh login as $TEST_USER to $LOGIN_IP failed"; }
+  daemons_alive && break
+  [ "$pass" = 3 ] && die "daemons keep dying (logs in $LOG)"
+  log "a daemon died while starting the others: another pass"
 done
-[ "$(echo "$out" | tail -n1)" = ok ] || { echo "$out" >&2; tail_log "$LOG/sshd.log"; die "ssh login as $TEST_USER to $LOGIN_IP failed"; }
 
 net_ok || die "network check failed at the end"
 ip route get "$COMPUTE_IP" >/dev/null 2>&1 && die "$COMPUTE_IP is routable from the root namespace" || true

@@ -45,8 +45,10 @@ EXIT_NO_MODELS = 3
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
     p = argparse.ArgumentParser(prog="python -m hpcseg.server", description=__doc__.split("\n")[0])
-    p.add_argument("--models-dir", action="append", required=True, type=Path,
+    p.add_argument("--models-dir", action="append", default=[], type=Path,
                    help="a directory of model folders (repeat for several; the first wins a name)")
+    p.add_argument("--no-builtin-models", dest="builtin_models", action="store_false",
+                   help="do not serve hpcseg's built-in models (by default they come after --models-dir)")
     p.add_argument("--connection-file", type=Path, help="where to write host, port and token once ready (0600)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 on a compute node)")
     p.add_argument("--port", type=int, default=0, help="port to bind; 0 (default) lets the kernel pick a free one")
@@ -146,11 +148,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from hpcseg import __version__
     from hpcseg.server.app import create_app
+    from hpcseg.server.models import builtin_models_dir
     from hpcseg.server.runtime import ServerSettings
 
+    models_dirs = list(args.models_dir) + ([builtin_models_dir()] if args.builtin_models else [])
+    if not models_dirs:
+        raise SystemExit("no models: give --models-dir, or drop --no-builtin-models")
     token = secrets.token_urlsafe(32)
     settings = ServerSettings(
-        models_dirs=args.models_dir, token=token, device=args.device, session_ttl=args.session_ttl,
+        models_dirs=models_dirs, token=token, device=args.device, session_ttl=args.session_ttl,
         max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, workers=args.workers, grace=args.grace,
     )
     app = create_app(settings)

@@ -6,7 +6,7 @@ PKGS=(openssh-server openssh-client munge slurmctld slurmd slurm-client slurm-wl
       mariadb-server mariadb-client python3-venv iproute2 util-linux)
 
 missing=()
-installed=" $(dpkg-query -W -f='${Package}:${Status}\n' "${PKGS[@]}" 2>/dev/null | awk -F: '/install ok installed/ {printf "%s ", $1}')"
+installed=" $( (dpkg-query -W -f='${Package}:${Status}\n' "${PKGS[@]}" 2>/dev/null || true) | awk -F: '/install ok installed/ {printf "%s ", $1}')"
 for p in "${PKGS[@]}"; do
   [[ "$installed" == *" $p "* ]] || missing+=("$p")
 done

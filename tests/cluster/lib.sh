@@ -420,6 +420,7 @@ GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
 FLUSH PRIVILEGES;
 SQL
   # slurmdbd
+  DBD_STARTED=1
   stop_pid "$SLURM_RUN/slurmdbd.pid" slurmdbd
   log "starting slurmdbd in $NS_LOGIN"
   touch "$LOG/slurmdbd.log"; chown slurm:slurm "$LOG/slurmdbd.log"
@@ -443,6 +444,8 @@ sacctmgr_acct() {
 # cluster, account and the test user's association in the accounting database (one query when all exist)
 ensure_associations() {
   local want="$CLUSTER_NAME|$ACCOUNT|$TEST_USER" out
+  # known to exist in this database, and slurmdbd was not restarted here (sacct_works checks it answers)
+  [ -z "${DBD_STARTED:-}" ] && [ -f "$MYSQL_DIR/assoc.ok" ] && return 0
   if ! out=$(sacctmgr_acct -n -P show assoc where cluster="$CLUSTER_NAME" account="$ACCOUNT" user="$TEST_USER" \
              format=cluster,account,user 2>&1); then
     log "slurmdbd does not answer ($out): restarting it"
@@ -450,7 +453,7 @@ ensure_associations() {
     out=$(sacctmgr_acct -n -P show assoc where cluster="$CLUSTER_NAME" account="$ACCOUNT" user="$TEST_USER" \
           format=cluster,account,user) || die "slurmdbd does not answer"
   fi
-  echo "$out" | grep -qxF "$want" && return 0
+  if echo "$out" | grep -qxF "$want"; then touch "$MYSQL_DIR/assoc.ok"; return 0; fi
   sacctmgr_acct -n -P show cluster format=cluster | grep -qx "$CLUSTER_NAME" \
     || sacctmgr_acct -i add cluster "$CLUSTER_NAME" >/dev/null || die "sacctmgr add cluster failed"
   sacctmgr_acct -n -P show account "$ACCOUNT" format=account | grep -qx "$ACCOUNT" \
@@ -458,6 +461,7 @@ ensure_associations() {
     || die "sacctmgr add account failed"
   sacctmgr_acct -i add user "$TEST_USER" Account="$ACCOUNT" DefaultAccount="$ACCOUNT" Cluster="$CLUSTER_NAME" >/dev/null \
     || die "sacctmgr add user failed"
+  touch "$MYSQL_DIR/assoc.ok"
 }
 
 # ---- cluster.json ------------------------------------------------------------------------------------------

@@ -244,7 +244,12 @@ daemons_up() {
   fi
   ensure_slurmd
   wait_node_ready 60 || { tail_log "$LOG/slurmd.log" "$LOG/slurmctld.log"; die "node $COMPUTE_HOST is not idle"; }
-  wait_until 30 "sacct answers" sacct_works || { sacct -n -X -S now-1minutes >&2 || true; die "sacct does not work"; }
+  if ! wait_until 10 "sacct answers" sacct_works; then
+    log "sacct gets no answer: restarting slurmdbd"
+    ensure_dbd force
+    ensure_associations
+    wait_until 30 "sacct answers" sacct_works || { sacct -n -X -S now-1minutes >&2 || true; die "sacct does not work"; }
+  fi
 
   # ---- sshd on the login node -------------------------------------------------------------------------------
   if ! { pid_ok "$RUN/sshd.pid" sshd "$NS_LOGIN" && [ "$(cat "$RUN/sshd.confsha" 2>/dev/null)" = "$(sshd_sha)" ]; }; then

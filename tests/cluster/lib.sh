@@ -328,6 +328,7 @@ SlurmdDebug=info
 PlugStackConfig=$SLURM_DIR/plugstack.conf
 $acct_lines
 JobCompType=jobcomp/none
+MailProg=/bin/true
 NodeName=$COMPUTE_HOST NodeAddr=$COMPUTE_IP CPUs=$NCPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$NCPUS ThreadsPerCore=1 RealMemory=16000 Gres=gpu:$NGPUS State=UNKNOWN
 PartitionName=$PARTITION Nodes=$COMPUTE_HOST Default=YES MaxTime=INFINITE State=UP
 EOF

@@ -18,8 +18,10 @@ take_lock
 bash "$CLUSTER_DIR/install.sh" || die "install.sh failed"
 
 # ---- directories --------------------------------------------------------------------------------------------
-install -d -m 0755 "$STATE" "$ETC" "$SLURM_DIR" "$RUN" "$LOG" "$SPOOL" "$SPOOL/slurmd" "$GPU_DEV_DIR" "$SSHD_DIR" "$MYSQL_DIR"
+install -d -m 0755 "$STATE" "$ETC" "$SLURM_DIR" "$RUN" "$SPOOL" "$SPOOL/slurmd" "$GPU_DEV_DIR" "$SSHD_DIR" "$MYSQL_DIR"
 install -d -m 0700 "$CLIENT_DIR"
+install -d -o root -g slurm -m 0775 "$LOG"          # slurmctld/slurmdbd (user slurm) chdir there
+install -d -o munge -g munge -m 0755 "$LOG/munge"   # munged wants a log dir only it can write
 install -d -o slurm -g slurm -m 0755 "$SLURM_RUN" "$SPOOL/slurmctld"
 install -d -o mysql -g mysql -m 0755 "$MYSQL_RUN"
 install -d -o munge -g munge -m 0755 "$MUNGE_RUN"
@@ -175,8 +177,8 @@ bind-address=127.0.0.1
 port=$DB_PORT
 skip-name-resolve
 performance_schema=OFF
-innodb_buffer_pool_size=64M
-innodb_log_file_size=32M
+innodb_buffer_pool_size=512M
+innodb_log_file_size=64M
 innodb_flush_log_at_trx_commit=2
 innodb_use_native_aio=0
 innodb_lock_wait_timeout=900
@@ -228,10 +230,9 @@ daemons_up() {
     stop_pid "$MUNGE_RUN/munged.pid" munged
     log "starting munged"
     install -d -o munge -g munge -m 0755 /run/munge /var/lib/munge /var/log/munge
-    touch "$LOG/munged.log"; chown munge:munge "$LOG/munged.log"; chmod 0640 "$LOG/munged.log"
-    setsid runuser -u munge -- /usr/sbin/munged --pid-file="$MUNGE_RUN/munged.pid" --log-file="$LOG/munged.log" \
-      </dev/null >>"$LOG/munged.out" 2>&1 9>&- || { tail_log "$LOG/munged.out" "$LOG/munged.log"; die "munged failed to start"; }
-    wait_until 20 "munge -n | unmunge" munge_ok || { tail_log "$LOG/munged.log"; die "munge does not work"; }
+    setsid runuser -u munge -- /usr/sbin/munged --pid-file="$MUNGE_RUN/munged.pid" --log-file="$LOG/munge/munged.log" \
+      </dev/null >>"$LOG/munged.out" 2>&1 9>&- || { tail_log "$LOG/munged.out" "$LOG/munge/munged.log"; die "munged failed to start"; }
+    wait_until 20 "munge -n | unmunge" munge_ok || { tail_log "$LOG/munge/munged.log"; die "munge does not work"; }
   fi
 
   # ---- accounting database, controller, compute node ---------------------------------------------------------

@@ -244,11 +244,15 @@ class JobManager:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         last: JobStatus | None = None
-        for delay in backoff_intervals(start=0.5, factor=1.4, cap=10.0):
+        delays = backoff_intervals(start=0.5, factor=1.4, cap=10.0)
+        while True:
             st = self.status([job_id])[job_id]
+            if last is None or st.state is not last.state:
+                delays = backoff_intervals(start=0.5, factor=1.4, cap=10.0)  # a change: look again soon
             if on_update and (last is None or st != last):
                 on_update(st)
             last = st
+            delay = next(delays)
             if until(st) or (st.state.terminal and st.state is not JobState.UNKNOWN):
                 return st
             if poll is not None and st.state is JobState.RUNNING and poll():
@@ -257,7 +261,6 @@ class JobManager:
                 raise JobError(f"job {job_id} is still {st.state.value} after {timeout:.0f} s",
                                hint=f"see hpcseg status {job_id} and hpcseg logs {job_id}", retryable=True)
             time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def cancel(self, job_ids: list[str], *, quiet: bool = False) -> None:
         cmd = self.scheduler.cancel_command(job_ids)

@@ -55,7 +55,7 @@ def test_pending_running_completed(jobs_for, sched, timeout_jobs):
     # A start time 4 s ahead keeps the job visibly pending first, the way a busy queue would.
     begin = ["--begin=now+4"] if sched == "slurm" else []
     jm = jobs_for(sched, extra_directives=begin)
-    rec = run_job(jm, "bash", "-c", "sleep 4; echo done-$((6*7))")
+    rec = run_job(jm, "bash", "-c", "sleep 12; echo done-$((6*7))")  # longer than the longest poll interval
     st, seen = observed(jm, rec.job_id, lambda s: s.state.terminal)
     assert st.state is JobState.COMPLETED and st.exit_code in (0, None)
     assert JobState.RUNNING in seen and seen[-1] is JobState.COMPLETED

@@ -162,6 +162,16 @@ class JobManager:
             return self.shell.home().rstrip("/") + path[1:]
         return path
 
+    def pbs_dialect(self) -> str | None:
+        """For PBS with ``pbs_dialect = "auto"``: ask ``qstat --version`` once which flavour the site runs."""
+        sched = self.scheduler
+        if self.profile.scheduler != "pbs":
+            return None
+        if sched.resolved is None:
+            cmd = sched.version_command()
+            sched.resolved = sched.detect_dialect(self.shell.run(list(cmd.argv), timeout=30))
+        return sched.resolved
+
     # -- submit ------------------------------------------------------------------------------------------------
     def render(self, template: str, params: dict[str, Any] | None = None, *, name: str | None = None,
                work_dir: str | None = None) -> tuple[str, str, str]:
@@ -173,7 +183,7 @@ class JobManager:
         job_dir = posixpath.join(wd, "jobs", name)
         job_name = f"hpcseg-{template}"
         ctx = build_context(self.profile, template=template, job_dir=job_dir, work_dir=wd, job_name=job_name,
-                            params=dict(params or {}))
+                            params=dict(params or {}), home=self.shell.home(), pbs_dialect=self.pbs_dialect())
         return self.engine.render(template, ctx), job_dir, job_name
 
     def submit(self, template: str, params: dict[str, Any] | None = None) -> JobRecord:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -15,10 +16,16 @@ from .common import Ctx, emit_json, json_option, pass_ctx
 def _progress_line(quiet: bool):
     """Print each new waiting state on one updating line of stderr (a person sees it; --json keeps stdout)."""
     start = time.monotonic()
+    tty = sys.stderr.isatty()
 
     def show(msg: str) -> None:
-        if not quiet:
-            click.echo(f"\r[{time.monotonic() - start:5.0f} s] {msg}\033[K", err=True, nl=msg.startswith("ready"))
+        if quiet:
+            return
+        line = f"[{time.monotonic() - start:5.0f} s] {msg}"
+        if tty:  # one line that updates in place; the last state stays
+            click.echo(f"\r{line}\033[K", err=True, nl=msg.startswith("ready"))
+        else:
+            click.echo(line, err=True)
 
     return show
 

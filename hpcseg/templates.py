@@ -451,6 +451,19 @@ def _check_params(kind: str, params: dict[str, Any]) -> None:
             need(key, value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
                                         and (key == "seed" or value > 0)), f"a {typ.__name__} > 0")
         need("extra_args", is_words(params.get("extra_args", [])), "a list of words")
+    elif kind == "finetune":
+        for key in ("model", "dataset"):
+            need(key, isinstance(params.get(key), str) and bool(params[key]), "a non-empty string")
+        if isinstance(params.get("epochs"), str):
+            try:
+                params["epochs"] = int(params["epochs"])
+            except ValueError:
+                need("epochs", False, "an int")
+        need("epochs", params.get("epochs") is None or (isinstance(params["epochs"], int)
+                                                        and not isinstance(params["epochs"], bool)
+                                                        and params["epochs"] > 0), "an int > 0")
+        if isinstance(params.get("force"), str):
+            params["force"] = params["force"].lower() in ("1", "true", "yes")
 
 
 def build_context(profile: Profile, *, template: str, job_dir: str, work_dir: str, job_name: str,
@@ -486,7 +499,8 @@ def build_context(profile: Profile, *, template: str, job_dir: str, work_dir: st
     models_dir = _expand(profile.models_dir, home, f"{p}.models_dir") or f"{work_dir.rstrip('/')}/models"
     datasets_dir = _expand(profile.datasets_dir, home, f"{p}.datasets_dir") or f"{work_dir.rstrip('/')}/datasets"
     binds = [_expand(b.split(":", 1)[0], home, f"{p}.binds") + b[len(b.split(":", 1)[0]):] for b in profile.binds]
-    auto = [work_dir] + [d for d, used in ((models_dir, kind in ("server", "train")), (datasets_dir, kind == "train"))
+    auto = [work_dir] + [d for d, used in ((models_dir, kind in ("server", "train", "finetune")),
+                                           (datasets_dir, kind in ("train", "finetune")))
                          if used and not _under(d, work_dir)]
     if profile.container_runtime != "none":
         for d in auto:

@@ -24,7 +24,7 @@ from hpcseg.errors import ConfigError, TemplateError
 from hpcseg.shell import LocalShell
 from hpcseg.templates import DIRECTIVE_WORD, TemplateEngine, build_context, check_script, sample_context
 
-TEMPLATES = ("run.sh.j2", "server.sh.j2", "train.sh.j2")
+TEMPLATES = ("run.sh.j2", "server.sh.j2", "train.sh.j2", "finetune.sh.j2")
 ENGINE = TemplateEngine(user_dir="/nonexistent/hpcseg-test-user-templates")
 VARIANTS = {"slurm": ("slurm", {}), "slurm-gpus": ("slurm", {"gpu_directive": "gpus", "gpu_type": "a100"}),
             "pbs-pro": ("pbs", {}), "pbs-torque": ("pbs", {"pbs_dialect": "torque"}), "local": ("local", {})}

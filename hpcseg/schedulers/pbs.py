@@ -249,6 +249,9 @@ class PBS(Scheduler):
             elif _seq(job_id) in finished:
                 out[job_id] = JobStatus(job_id, JobState.LOST, native_state="F", source=source,
                                         reason="finished; its history needs `qstat -x`: use dialect 'pro'")
+            elif (_seq(job_id) in unknown or complete) and job_id in self._cancelled:
+                out[job_id] = JobStatus(job_id, JobState.CANCELLED, source=source,
+                                        reason="deleted with qdel through hpcseg; PBS no longer lists it")
             elif _seq(job_id) in unknown or complete:
                 out[job_id] = JobStatus(job_id, JobState.LOST, source=source,
                                         reason="PBS no longer knows this job (history expired or disabled)")

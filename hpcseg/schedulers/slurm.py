@@ -14,7 +14,8 @@ Status of many jobs uses as few calls as possible:
    (``squeue -h -t all -a --me -O ...``, Slurm 20.11 or later) and keep only our ids. That is still one call.
 2. ids that squeue does not show: ``sacct -X -P -n -j ID1,ID2 --format=...`` (the accounting database).
    ``scontrol show job`` is never asked. It reads the same slurmctld memory as ``squeue -t all``, so it cannot
-   know a job squeue did not show, and it takes only one id per call (``src/scontrol/info_job.c``).
+   know a job squeue did not show, and it takes only one id per call. ``scontrol show job 7,5`` fails
+   with "Invalid job id specified" (``src/scontrol/info_job.c``; recorded in ``tests/fixtures/slurm``).
 3. an id that no source knows is LOST. With accounting disabled ("Slurm accounting storage is disabled") the
    remaining ids are LOST too, and :mod:`hpcseg.jobs` reads the job's exit-code file.
 
@@ -189,6 +190,8 @@ def _status(job_id: str, state_text: str, reason: str, source: str) -> JobStatus
     native = state_text.split()[0] if state_text.strip() else ""  # sacct: "CANCELLED by 1234"
     state, phrase = _STATES.get(native, (JobState.UNKNOWN, f"unrecognised Slurm state {native!r}"))
     why = human_reason(reason)
+    if phrase and why.startswith(phrase):  # TIMEOUT with TimeLimit: say it once
+        phrase = ""
     if state_text.startswith("CANCELLED by"):
         phrase = f"cancelled by uid {state_text.split()[-1]}"
     return JobStatus(job_id, state, native_state=native, reason="; ".join(p for p in (phrase, why) if p),
@@ -313,7 +316,9 @@ class Slurm(Scheduler):
                                         source="sacct")
                 continue
             _, state, exit_pair, start, end, nodes, reason = cells
-            st = _status(job_id, state, reason, "sacct")
+            # sacct's Reason is the last reason the job *waited* (man sacct): for an ended job it misleads
+            ended = _STATES.get(state.split()[0] if state.strip() else "", (JobState.UNKNOWN, ""))[0].terminal
+            st = _status(job_id, state, "" if ended else reason, "sacct")
             st.node = _node(nodes)
             st.start_time = _time(start)
             if st.state.terminal:

@@ -223,6 +223,8 @@ def test_wrapper_cancel_is_remembered():
     assert pbs.parse_qstat(recorded("torque", "qstat_f_cancelled"), ["7"])[0]["7"].state is JobState.LOST
     pbs.parse_cancel(recorded("torque", "qdel_running"), ["7"])
     assert pbs.parse_qstat(recorded("torque", "qstat_f_cancelled"), ["7"])[0]["7"].state is JobState.CANCELLED
+    # and once the wrapper no longer lists it (Slurm purged it)
+    assert pbs.parse_qstat(recorded("torque", "qstat_f_unknown"), ["7"])[0]["7"].state is JobState.CANCELLED
 
 
 def test_wrapper_failure_is_unknown():

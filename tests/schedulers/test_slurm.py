@@ -86,7 +86,7 @@ def test_failed_cancelled_and_timeout_read_from_squeue():
     assert both["8"].state is JobState.PENDING and "never be satisfied" in both["8"].reason
 
     tmo = converse(S.status_query(["11"]), [(squeue("11"), recorded("slurm", "squeue_timeout"))])["11"]
-    assert tmo.state is JobState.TIMEOUT and tmo.state.terminal and "(TimeLimit)" in tmo.reason
+    assert tmo.state is JobState.TIMEOUT and tmo.state.terminal and tmo.reason == "time limit reached (TimeLimit)"
 
 
 # -- status: ids squeue no longer holds go to sacct ---------------------------------------------------------------
@@ -118,6 +118,12 @@ def test_finished_jobs_after_purge_read_from_sacct():
     assert "cancelled by uid 1001" in st["7"].reason
     assert st["9"].state is JobState.FAILED and st["9"].exit_code == 3
     assert st["11"].state is JobState.RUNNING and st["11"].source == "squeue"
+
+
+def test_sacct_reason_of_an_ended_job_is_not_shown():
+    # sacct_mixed: job 5 is PENDING with JobHeldUser; the same row as if it had since completed
+    row = recorded("slurm", "sacct_mixed").stdout.splitlines()[1].replace("PENDING", "COMPLETED")
+    assert S.parse_sacct(result(row + "\n"), ["5"])["5"].reason == ""
 
 
 def test_sacct_timeout_and_cancelled_by():
@@ -172,9 +178,8 @@ def test_accounting_disabled_is_an_answer_lost_not_unknown():
 
 
 def test_sacct_failing_reads_unknown():
-    # synthetic: slurmdbd down
-    down = result("", "sacct: error: slurm_persist_conn_open_without_init: failed to open persistent connection "
-                      "to host:localhost:6819: Connection refused\n"
+    # as seen on the test cluster while slurmdbd restarted (exit code assumed)
+    down = result("", "sacct: error: Sending PersistInit msg: Connection refused\n"
                       "sacct: error: Problem talking to the database: Connection refused\n", 1)
     st = S.parse_sacct(down, ["9", "10"])
     assert {s.state for s in st.values()} == {JobState.UNKNOWN}

@@ -277,7 +277,7 @@ class Slurm(Scheduler):
                 continue
             st = _status(job_id, state, reason, "squeue")
             st.node = _node(batch) or _node(nodes)
-            if st.state is JobState.PENDING:
+            if st.native_state == "PENDING":  # not SUSPENDED & co., whose StartTime is the real start
                 st.expected_start = _time(start)
             else:
                 st.start_time = _time(start)

@@ -196,3 +196,27 @@ def test_finished_job_leaves_the_controller_quickly(cluster):
             return
         time.sleep(0.5)
     raise AssertionError(f"slurmctld still knows job {job_id} 90 s after it finished")
+
+
+def test_accounting_off_and_on_again(cluster, workdir):
+    from tests.cluster.harness import accounting
+
+    running = sbatch(cluster, "-o", "/dev/null", "-t", "5", "--wrap", "sleep 300")
+    accounting(cluster, False)
+    try:
+        assert cluster.accounting is False
+        res = ssh(cluster, "sacct -X -n")
+        assert res.returncode != 0 and "disabled" in res.stderr.lower(), res
+        during = sbatch(cluster, "-o", "/dev/null", "--wrap", "true")
+        deadline = time.monotonic() + 60
+        while ssh_ok(cluster, f"squeue -h -j {during} -o %T 2>/dev/null").strip():
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+    finally:
+        accounting(cluster, True)
+    assert cluster.accounting is True
+    assert ssh_ok(cluster, f"squeue -h -j {running} -o %T").strip() == "RUNNING"  # not disturbed
+    # the job that ended while accounting was off is known once it is back on
+    out = ssh_ok(cluster, f"sacct -X -P -n -j {during},{running} -o JobID,State")
+    assert f"{during}|COMPLETED" in out.splitlines() and f"{running}|RUNNING" in out.splitlines(), out
+    ssh_ok(cluster, f"scancel {running}")

@@ -157,7 +157,8 @@ def run_as_user(cluster: TestCluster, argv, *, input: str | None = None, timeout
 
 
 def accounting(cluster: TestCluster, on: bool, *, timeout: float = 180) -> None:
-    """Switch Slurm accounting off (slurmctld without slurmdbd: sacct says it is disabled) or back on."""
+    """Switch Slurm accounting off (slurmdbd stopped, users' slurm.conf says none: sacct says "disabled") or back
+    on (returns once sacct also knows the jobs that ended meanwhile). Jobs are never disturbed."""
     _run_script([_script("accounting.sh"), "on" if on else "off"], f"accounting.sh {'on' if on else 'off'}",
                 timeout, cluster.state_dir)
     cluster.accounting = on

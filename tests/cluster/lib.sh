@@ -38,7 +38,8 @@ DBD_PORT=6819
 # ---- paths under $STATE --------------------------------------------------------------------------------
 ETC=$STATE/etc
 SLURM_DIR=$ETC/slurm
-SLURM_CONF=$SLURM_DIR/slurm.conf
+SLURM_CONF=$SLURM_DIR/slurm.conf          # what users, jobs and slurmd read (accounting on or off)
+CTLD_CONF=$SLURM_DIR/slurmctld.conf       # what slurmctld and slurmdbd read: accounting always via slurmdbd
 HOSTS_FILE=$ETC/hosts
 RUN=$STATE/run
 SLURM_RUN=$RUN/slurm
@@ -336,17 +337,18 @@ EOF
 
 write_slurm_conf() {
   write_if_changed "$SLURM_CONF" 0644 root:root < <(render_slurm_conf "$(accounting_mode)") >/dev/null
+  write_if_changed "$CTLD_CONF" 0644 root:root < <(render_slurm_conf on) >/dev/null
 }
 
 # config hashes remembered when a daemon starts: a differing hash means it must restart
-ctld_conf_sha() { sha_of "$SLURM_CONF" "$SLURM_DIR/gres.conf" "$SLURM_DIR/plugstack.conf"; }
+ctld_conf_sha() { { echo "$CTLD_CONF"; cat "$CTLD_CONF" "$SLURM_DIR/gres.conf" "$SLURM_DIR/plugstack.conf"; } | sha256sum | cut -c1-64; }
 slurmd_conf_sha() { { grep -v '^AccountingStorage' "$SLURM_CONF"; cat "$SLURM_DIR/gres.conf" "$SLURM_DIR/plugstack.conf"; } | sha256sum | cut -c1-64; }
 
 start_slurmctld() {
   log "starting slurmctld in $NS_LOGIN"
   install -d -o slurm -g slurm -m 0755 "$SPOOL/slurmctld" "$SLURM_RUN"
   touch "$LOG/slurmctld.log"; chown slurm:slurm "$LOG/slurmctld.log"
-  start_daemon slurmctld "$NS_LOGIN" "$LOGIN_HOST" env SLURM_CONF="$SLURM_CONF" /usr/sbin/slurmctld -i
+  start_daemon slurmctld "$NS_LOGIN" "$LOGIN_HOST" env SLURM_CONF="$CTLD_CONF" /usr/sbin/slurmctld -i
   if ! wait_until 30 "slurmctld answers scontrol ping" ctld_up; then
     tail_log "$LOG/slurmctld.out" "$LOG/slurmctld.log"; die "slurmctld did not start"
   fi
@@ -425,21 +427,23 @@ SQL
   stop_pid "$SLURM_RUN/slurmdbd.pid" slurmdbd
   log "starting slurmdbd in $NS_LOGIN"
   touch "$LOG/slurmdbd.log"; chown slurm:slurm "$LOG/slurmdbd.log"
-  start_daemon slurmdbd "$NS_LOGIN" "$LOGIN_HOST" env SLURM_CONF="$SLURM_CONF" /usr/sbin/slurmdbd
+  start_daemon slurmdbd "$NS_LOGIN" "$LOGIN_HOST" env SLURM_CONF="$CTLD_CONF" /usr/sbin/slurmdbd
   if ! wait_until 60 "slurmdbd answers sacctmgr" dbd_up; then
     tail_log "$LOG/slurmdbd.out" "$LOG/slurmdbd.log"; die "slurmdbd did not start"
   fi
   sha_of "$SLURM_DIR/slurmdbd.conf" "$MYCNF" >"$RUN/slurmdbd.confsha"
 }
 
-# sacctmgr needs a slurm.conf that names slurmdbd: while accounting is off, use a private copy that does.
-sacctmgr_acct() {
-  if [ "$(accounting_mode)" = on ]; then
-    sacctmgr "$@"
-  else
-    render_slurm_conf on >"$RUN/slurm-acct.conf"
-    SLURM_CONF=$RUN/slurm-acct.conf sacctmgr "$@"
-  fi
+# sacctmgr needs a slurm.conf that names slurmdbd, also while accounting is off for the users
+sacctmgr_acct() { SLURM_CONF=$CTLD_CONF sacctmgr "$@"; }
+
+# messages slurmctld holds for slurmdbd (job starts/ends while slurmdbd was down)
+dbd_queue() { sdiag 2>/dev/null | awk -F: '/DBD Agent queue size/ {gsub(/ /, "", $2); print $2}'; }
+dbd_queue_empty() { [ "$(dbd_queue)" = 0 ]; }
+# slurmctld retries slurmdbd every 10 s: wait (bounded) until it has handed over what it queued
+wait_dbd_queue() {
+  wait_until "${1:-25}" "slurmctld's queue for slurmdbd to empty" dbd_queue_empty \
+    || log "slurmctld still holds $(dbd_queue) messages for slurmdbd: recent jobs may reach sacct a little later"
 }
 
 # cluster, account and the test user's association in the accounting database (one query when all exist)

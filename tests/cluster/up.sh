@@ -251,6 +251,7 @@ daemons_up() {
     ensure_associations
     wait_until 30 "sacct answers" sacct_works || { sacct -n -X -S now-1minutes >&2 || true; die "sacct does not work"; }
   fi
+  wait_dbd_queue 25   # instant unless slurmdbd was down (accounting off, or a crash)
 
   # ---- sshd on the login node -------------------------------------------------------------------------------
   if ! { pid_ok "$RUN/sshd.pid" sshd "$NS_LOGIN" && [ "$(cat "$RUN/sshd.confsha" 2>/dev/null)" = "$(sshd_sha)" ]; }; then

@@ -218,7 +218,7 @@ EOF
 net_up
 # the link is fast unless a test makes it slow (link.sh slow); a crashed test must not leave it slow
 tc qdisc del dev "$VETH_ROOT" root >/dev/null 2>&1 || true
-ip netns exec "$NS_LOGIN" tc qdisc del dev "$VETH_LOGIN" root >/dev/null 2>&1 || true
+nsenter --net="/run/netns/$NS_LOGIN" tc qdisc del dev "$VETH_LOGIN" root >/dev/null 2>&1 || true
 
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 sshd_sha() { sha_of "$SSHD_CONFIG" "$HOST_KEY"; }

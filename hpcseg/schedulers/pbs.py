@@ -35,6 +35,7 @@ the job did not start.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Sequence
 
@@ -181,8 +182,12 @@ class PBS(Scheduler):
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", spec.job_name) or "hpcseg"
         if not name[0].isalpha():
             name = "j" + name
-        return Command(["qsub", "-o", f"{spec.job_dir}/job.out", "-e", f"{spec.job_dir}/job.err",
-                        "-N", name[:15], *spec.extra_args, spec.script_path])
+        # Slurm's Torque wrapper pastes its arguments unquoted into a /bin/sh command line, so a path with a
+        # space or a shell character would break (or run). Submit from the job's folder with plain names instead.
+        script = posixpath.relpath(spec.script_path, spec.job_dir) if spec.script_path.startswith(
+            spec.job_dir.rstrip("/") + "/") else spec.script_path
+        return Command(["sh", "-c", 'cd "$1" && shift && exec qsub "$@"', "sh", spec.job_dir,
+                        "-o", "job.out", "-e", "job.err", "-N", name[:15], *spec.extra_args, script])
 
     def parse_submit(self, result: Result) -> str:
         """``123.server`` (PBS Pro, Torque) or ``123`` (the wrapper): the last line that is only an id."""

@@ -32,8 +32,25 @@ def test_unknown_dialect_is_a_config_error():
 # -- submit ------------------------------------------------------------------------------------------------------
 def test_submit_command_gives_output_paths_on_the_command_line():
     argv = pro().submit_command(SubmitSpec("/h/u/jobs/7/job.sh", "/h/u/jobs/7", "hpcseg-server", ["-q", "gpu"])).argv
-    assert argv == ("qsub", "-o", "/h/u/jobs/7/job.out", "-e", "/h/u/jobs/7/job.err", "-N", "hpcseg-server",
-                    "-q", "gpu", "/h/u/jobs/7/job.sh")
+    assert argv[:5] == ("sh", "-c", 'cd "$1" && shift && exec qsub "$@"', "sh", "/h/u/jobs/7")
+    assert argv[5:] == ("-o", "job.out", "-e", "job.err", "-N", "hpcseg-server", "-q", "gpu", "job.sh")
+
+
+def test_submit_from_a_folder_with_spaces_passes_only_plain_words_to_qsub(tmp_path):
+    """The Torque wrapper re-parses its arguments with /bin/sh: submit from the folder with plain names."""
+    from hpcseg.shell import LocalShell
+
+    job_dir = tmp_path / "my jobs; $(touch CANARY)" / "7"
+    job_dir.mkdir(parents=True)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "qsub").write_text('#!/bin/sh\nprintf "%s\\n" "$PWD" "$@"\n')
+    (fake / "qsub").chmod(0o755)
+    cmd = pro().submit_command(SubmitSpec(f"{job_dir}/job.sh", str(job_dir), "hpcseg-run"))
+    res = LocalShell().run(list(cmd.argv), env={"PATH": f"{fake}:/usr/bin:/bin"})
+    assert res.ok and res.stdout.splitlines() == [str(job_dir), "-o", "job.out", "-e", "job.err", "-N",
+                                                  "hpcseg-run", "job.sh"]
+    assert not (tmp_path / "CANARY").exists()
 
 
 def test_job_name_fits_posix_qsub():

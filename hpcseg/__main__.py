@@ -1,0 +1,5 @@
+"""python -m hpcseg: the hpcseg command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,5 @@
+"""python -m hpcseg.cli: the hpcseg command."""
+
+from . import main
+
+main()

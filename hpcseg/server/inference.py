@@ -1,0 +1,281 @@
+"""Network inference for segmentation: model-space preprocessing, slab-stitched sliding windows, and back.
+
+Why a slab: MONAI's ``sliding_window_inference`` stitches every class of the whole volume in float32 (512×512×300
+at 14 classes: 4.4 GB plus a count map; 105 classes: 33 GB) and its final argmax over that is slow. Here windows
+are visited z-group by z-group (a z-group: the windows sharing a start along the last axis), weighted logits are
+accumulated only for the z-range that is about to be finished, and each finished slab is turned into uint8 labels
+at once. What must survive between z-groups is only the part of each window that overlaps the next group. Peak
+memory is about ``classes × X × Y × (stride_z + 1.8 × (roi_z - stride_z))`` floats instead of ``classes × X × Y × Z``.
+
+The labels are identical to ``sliding_window_inference(...).argmax(1)``: same windows (MONAI's own
+``dense_patch_slices`` and ``compute_importance_map``), same padding, and for every voxel the weighted predictions are
+added in MONAI's window order, so the floating-point sums and hence the argmax agree bit for bit. (With
+``sw_batch_size > 1`` windows are batched within a z-group rather than across groups; the result stays identical as
+long as the network's per-window output does not depend on its batch neighbours, true in eval mode on CPU; on GPU
+cuDNN may pick another algorithm per batch size, exactly as it may between two MONAI runs.)
+
+Tensor layout follows MONAI: spatial axes (x, y, z), i.e. SimpleITK's array (z, y, x) transposed.
+
+Example::
+
+    labels = sliding_window_labels(x, net, roi_size=(96, 96, 96), sw_batch_size=2, overlap=0.25)  # (X, Y, Z) uint8
+    mask = segment(image, net, manifest, {"fast": True}, device="cuda")                          # sitk, input grid
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
+from monai.utils import fall_back_tuple
+
+from hpcseg import imaging
+from hpcseg.errors import ImageError
+from hpcseg.server.models import ModelManifest, bad_request, resolve_device
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def sliding_window_labels(inputs: torch.Tensor, predictor: Predictor, roi_size: Sequence[int] | int,
+                          sw_batch_size: int = 1, overlap: float = 0.25, mode: str = "constant",
+                          sigma_scale: float = 0.125, padding_mode: str = "constant", cval: float = 0.0,
+                          sw_device: torch.device | str | None = None, device: torch.device | str | None = None,
+                          threshold: float = 0.0,
+                          progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Label map (uint8, uint16 past 256 classes) of ``inputs`` (1, C_in, *spatial) by slab-stitched windows.
+
+    Arguments mean what they mean for MONAI's ``sliding_window_inference``; ``device`` holds the slab buffers
+    (default: the inputs' device), the labels come back on the CPU with shape ``spatial``. A single-channel output
+    is thresholded at ``threshold`` instead of argmax'ed. ``progress(done, total)`` is called after each batch.
+
+    Example::
+
+        labels = sliding_window_labels(torch.rand(1, 1, 64, 64, 40), net, (32, 32, 32), overlap=0.5)
+    """
+    if inputs.shape[0] != 1:
+        raise ValueError(f"one image at a time: inputs has batch size {inputs.shape[0]}")
+    nd = inputs.ndim - 2
+    if nd < 2:
+        raise ValueError("slab stitching needs at least two spatial axes")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be >= 0 and < 1, got {overlap}")
+    compute_dtype = inputs.dtype
+    device = torch.device(device) if device is not None else inputs.device
+    sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
+    spatial_in = list(inputs.shape[2:])
+    roi = fall_back_tuple(roi_size, spatial_in)
+    image_size = [max(s, r) for s, r in zip(spatial_in, roi, strict=True)]
+    pad: list[int] = []  # MONAI's padding, verbatim: last axis first, split in halves
+    for k in range(inputs.ndim - 1, 1, -1):
+        diff = max(roi[k - 2] - inputs.shape[k], 0)
+        pad.extend([diff // 2, diff - diff // 2])
+    if any(pad):
+        inputs = F.pad(inputs, pad=pad, mode=padding_mode, value=cval)
+    interval = [r if r == s else max(int(r * (1 - overlap)), 1) for r, s in zip(roi, image_size, strict=True)]
+    slices = dense_patch_slices(image_size, roi, interval)  # MONAI's windows in MONAI's order (last axis fastest)
+    w = compute_importance_map(get_valid_patch_size(image_size, roi), mode=mode, sigma_scale=sigma_scale,
+                               device=sw_device, dtype=compute_dtype)[None, None].to(compute_dtype)
+    w_out = w.to(device)[0]
+
+    z_len = image_size[-1]
+    starts = sorted({s[-1].start for s in slices})
+    cuts = sorted({s[0].start for s in slices} | {s[0].stop for s in slices})  # x edges of the windows
+    # stored[xy] = [(z_from, offset in the window at z_from, weighted prediction for z >= z_from)]: the tails of
+    # earlier z-groups' windows at this (x, y) position, oldest first
+    stored: dict[tuple, list[tuple[int, int, torch.Tensor]]] = {}
+    labels_zyx: np.ndarray | None = None
+    done, n_done = 0, 0
+    for g, z0 in enumerate(starts):
+        z_next = starts[g + 1] if g + 1 < len(starts) else z_len
+        group = [s for s in slices if s[-1].start == z0]  # MONAI order restricted to the group: x, then y, ...
+        slab = _Slab(cuts, [*image_size[1:-1], z_next - done], compute_dtype, device)
+        for b in range(0, len(group), sw_batch_size):
+            batch = group[b : b + sw_batch_size]
+            if len(batch) > 1:
+                win = torch.cat([inputs[(slice(0, 1), slice(None), *s)] for s in batch]).to(sw_device)
+            else:
+                win = inputs[(slice(0, 1), slice(None), *batch[0])].to(sw_device)
+            out = predictor(win)
+            if tuple(out.shape[2:]) != tuple(roi):
+                raise ValueError(f"the network returned windows of {tuple(out.shape[2:])} for input windows of "
+                                 f"{tuple(roi)}: only same-size outputs are supported")
+            out *= w  # in place, as MONAI does: same products
+            out = out.to(device)
+            for s, pred in zip(batch, out, strict=True):
+                xy = tuple((t.start, t.stop) for t in s[:-1])
+                # the earlier groups' tails for this (x, y) first, then this window: MONAI's per-voxel order
+                for zf, off, tail in stored.get(xy, []):  # tail: z in [zf, zf + len), window offset off at zf
+                    lo, hi = max(zf, done), min(zf + tail.shape[-1], z_next)
+                    if hi > lo:
+                        slab.add(s, slice(lo - done, hi - done), tail[..., lo - zf : hi - zf],
+                                 w_out[..., lo - zf + off : hi - zf + off])
+                hi = min(z0 + roi[-1], z_next)
+                slab.add(s, slice(z0 - done, hi - done), pred[..., : hi - z0], w_out[..., : hi - z0])
+                if z0 + roi[-1] > z_next:  # keep what overlaps the next z-groups, nothing more
+                    stored.setdefault(xy, []).append((z_next, z_next - z0, pred[..., z_next - z0 :].clone()))
+            n_done += len(batch)
+            if progress is not None:
+                progress(n_done, len(slices))
+            # windows come in x order: columns left of the next window's start are final in this slab
+            x_next = group[b + sw_batch_size][0].start if b + sw_batch_size < len(group) else image_size[0]
+            for a, e, acc in slab.finished(x_next):
+                lab = _to_labels(acc, threshold)  # (dx, Y, ..., dz)
+                if labels_zyx is None:
+                    labels_zyx = np.zeros(list(reversed(image_size)), np.uint8 if acc.shape[0] <= 256 else np.uint16)
+                labels_zyx[(slice(done, z_next), *[slice(None)] * (nd - 2), slice(a, e))] = (
+                    lab.permute(*reversed(range(nd))).cpu().numpy())
+        done = z_next
+        for xy, tails in stored.items():  # forget what lies below the finished slab
+            stored[xy] = [(zf, off, t) if zf >= done else _trim(zf, off, t, done) for zf, off, t in tails
+                          if zf + t.shape[-1] > done]
+    assert labels_zyx is not None
+    out_labels = torch.from_numpy(labels_zyx).permute(*reversed(range(nd)))  # (X, Y, Z) view of a (Z, Y, X) array
+    if any(pad):
+        crop = tuple(slice(pad[2 * (nd - 1 - d)], pad[2 * (nd - 1 - d)] + spatial_in[d]) for d in range(nd))
+        out_labels = out_labels[crop]
+    return out_labels
+
+
+class _Slab:
+    """Weighted logits and weights of one z-slab, cut along x at the windows' edges.
+
+    A column chunk is allocated when a window first touches it and handed back by :meth:`finished` (divided by its
+    weights, in place as MONAI divides) once no later window can reach it, so at most about one window's width of
+    columns is alive: memory ~ classes × roi_x × Y × slab depth, not × X.
+    """
+
+    def __init__(self, cuts: list[int], rest: list[int], dtype: torch.dtype, device: torch.device) -> None:
+        self.cuts, self.rest, self.dtype, self.device = cuts, rest, dtype, device
+        self.acc: dict[int, torch.Tensor] = {}
+        self.cnt: dict[int, torch.Tensor] = {}
+
+    def add(self, window: tuple[slice, ...], z: slice, values: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add ``values`` (C, roi_x, ..., dz) and ``weights`` (1, roi_x, ..., dz) of a window at slab depth ``z``."""
+        xa, xb = window[0].start, window[0].stop
+        rest = (*window[1:-1], z)
+        for c in range(bisect.bisect_left(self.cuts, xa), bisect.bisect_left(self.cuts, xb)):
+            a, b = self.cuts[c], self.cuts[c + 1]
+            if c not in self.acc:
+                self.acc[c] = torch.zeros([values.shape[0], b - a, *self.rest], dtype=self.dtype, device=self.device)
+                self.cnt[c] = torch.zeros([1, b - a, *self.rest], dtype=self.dtype, device=self.device)
+            self.acc[c][(slice(None), slice(None), *rest)] += values[:, a - xa : b - xa]
+            self.cnt[c][(slice(None), slice(None), *rest)] += weights[:, a - xa : b - xa]
+
+    def finished(self, x_next: int):
+        """Yield ``(x_from, x_to, averaged logits)`` of every chunk that ends at or before ``x_next``, in x order."""
+        for c in sorted(self.acc):
+            if self.cuts[c + 1] > x_next:
+                break
+            acc, cnt = self.acc.pop(c), self.cnt.pop(c)
+            acc /= cnt
+            yield self.cuts[c], self.cuts[c + 1], acc
+
+
+def _trim(zf: int, off: int, t: torch.Tensor, done: int) -> tuple[int, int, torch.Tensor]:
+    """A stored tail cut to z >= done (copied, so the memory of the cut part is released)."""
+    return done, off + (done - zf), t[..., done - zf :].clone()
+
+
+def _to_labels(avg: torch.Tensor, threshold: float) -> torch.Tensor:
+    if avg.shape[0] == 1:
+        return (avg[0] > threshold).to(torch.uint8)
+    lab = torch.argmax(avg, dim=0)
+    return lab.to(torch.uint8 if avg.shape[0] <= 256 else torch.int32)
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+def model_grid_params(manifest: ModelManifest, image: sitk.Image, params: dict) -> tuple[list[float] | None,
+                                                                                           tuple | None]:
+    """(spacing, direction) of the grid the network runs on for this request; None = keep the image's."""
+    spacing = list(manifest.spacing) if manifest.spacing else None
+    if params.get("fast"):
+        spacing = [2.0 * s for s in (spacing or image.GetSpacing())]
+    orientation = manifest.extra.get("orientation")
+    direction = imaging.orientation_direction(orientation) if orientation else None
+    return spacing, direction
+
+
+def to_model_space(image: sitk.Image, spacing: Sequence[float] | None, direction: Sequence[float] | None,
+                   interpolator: str = "linear") -> sitk.Image:
+    """``image`` resampled onto the model's grid (unchanged when it already is on one)."""
+    if spacing is None and direction is None:
+        return image
+    grid = imaging.resample(image, spacing, interpolator, direction)
+    return grid
+
+
+def scale_intensity(arr: np.ndarray, intensity: dict | None) -> np.ndarray:
+    """The manifest's intensity transform on a float32 array (MONAI's ScaleIntensityRange / NormalizeIntensity)."""
+    arr = arr.astype(np.float32, copy=False)
+    if not intensity:
+        return arr
+    if intensity.get("normalize"):
+        sel = arr[arr != 0] if intensity.get("nonzero") else arr
+        mean, std = (float(sel.mean()), float(sel.std())) if sel.size else (0.0, 1.0)
+        out = (arr - mean) / (std or 1.0)
+        if intensity.get("nonzero"):
+            out[arr == 0] = 0
+        return out.astype(np.float32)
+    a_min, a_max = float(intensity["a_min"]), float(intensity["a_max"])
+    b_min, b_max = float(intensity.get("b_min", 0.0)), float(intensity.get("b_max", 1.0))
+    out = (arr - a_min) / (a_max - a_min) * (b_max - b_min) + b_min
+    if intensity.get("clip", False):
+        np.clip(out, min(b_min, b_max), max(b_min, b_max), out=out)
+    return out.astype(np.float32, copy=False)
+
+
+def image_to_tensor(image: sitk.Image, intensity: dict | None) -> torch.Tensor:
+    """(1, 1, X, Y, Z) float32 tensor of a scalar image, intensity-scaled."""
+    arr = scale_intensity(sitk.GetArrayFromImage(image), intensity)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 1, 0)))[None, None]
+
+
+def window_params(manifest: ModelManifest, params: dict) -> dict[str, Any]:
+    """roi_size / overlap / sw_batch_size for this request: the request's, checked, else the manifest's."""
+    roi = params.get("roi_size", manifest.roi_size) or [96, 96, 96]
+    if isinstance(roi, int):
+        roi = [roi] * 3
+    if not (isinstance(roi, list) and len(roi) == 3 and all(isinstance(r, int) and r > 0 for r in roi)):
+        raise bad_request(f"roi_size must be three positive integers, got {roi!r}")
+    overlap = params.get("overlap", manifest.overlap)
+    if not (isinstance(overlap, (int, float)) and 0 <= overlap < 1):
+        raise bad_request(f"overlap must be a number in [0, 1), got {overlap!r}")
+    sw = params.get("sw_batch_size", manifest.sw_batch_size)
+    if not (isinstance(sw, int) and sw >= 1):
+        raise bad_request(f"sw_batch_size must be a positive integer, got {sw!r}")
+    return {"roi_size": roi, "overlap": float(overlap), "sw_batch_size": sw}
+
+
+def segment(image: sitk.Image, predictor: Predictor, manifest: ModelManifest, params: dict,
+            device: str = "cpu", wanted: Sequence[int] | None = None) -> sitk.Image:
+    """The whole path for a network: model grid → intensity → slab-stitched windows → labels on ``image``'s grid.
+
+    ``wanted`` label values are kept, the others set to 0 (None keeps all).
+    """
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
+        raise ImageError("the model needs a 3D single-channel image")
+    spacing, direction = model_grid_params(manifest, image, params)
+    grid = to_model_space(image, spacing, direction)
+    x = image_to_tensor(grid, manifest.intensity)
+    dev = torch.device(resolve_device(params.get("device") or device))
+    win = window_params(manifest, params)
+    with torch.inference_mode():
+        labels = sliding_window_labels(x.to(dev), predictor, win["roi_size"], win["sw_batch_size"], win["overlap"],
+                                       sw_device=dev, device=dev, threshold=float(manifest.extra.get("threshold", 0)))
+    arr = labels.numpy().transpose(2, 1, 0)  # (Z, Y, X), contiguous: the array the slabs were written into
+    if wanted is not None:
+        arr = arr.copy()
+        arr[~np.isin(arr, list(wanted))] = 0
+    out = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+    out.CopyInformation(grid)
+    if grid is not image:
+        out = imaging.resample_to_reference(out, image)
+    else:
+        out.CopyInformation(image)
+    return out

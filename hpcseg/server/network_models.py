@@ -1,0 +1,140 @@
+"""Models that are torch networks: a state_dict with a network spec, or a TorchScript file.
+
+Both run through :func:`hpcseg.server.inference.segment` (model grid, intensity, slab-stitched sliding windows,
+labels back on the input grid). Output channel ``c`` is label value ``c`` (channel 0: background).
+
+Manifest examples::
+
+    {"name": "phantom-unet", "version": "1", "type": "segmentation", "labels": {"body": 1, "lungs": 2},
+     "network": {"name": "UNet", "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 3,
+                                          "channels": [8, 16, 32, 64], "strides": [2, 2, 2]}},
+     "weights": "model.pt", "spacing": [1.5, 1.5, 2.0], "roi_size": [64, 64, 48],
+     "intensity": {"a_min": -1000, "a_max": 1000, "b_min": 0, "b_max": 1, "clip": true}}
+
+    {"name": "my-net", "version": "3", "type": "segmentation", "labels": {"liver": 1}, "weights": "net.ts"}
+
+``network.name`` is a class of ``monai.networks.nets`` or ``"module:Class"``; ``network.args`` its keyword arguments.
+"""
+
+from __future__ import annotations
+
+import importlib
+import zipfile
+from pathlib import Path
+
+import SimpleITK as sitk
+import torch
+
+from hpcseg.errors import ModelLoadError
+from hpcseg.server.inference import segment
+from hpcseg.server.models import Model
+
+
+def is_torchscript(path: Path) -> bool:
+    """True when ``path`` is a TorchScript archive (a zip with ``code/``), not a pickled state_dict."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix == ".ts":
+        return True
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/")[1:2] == ["code"] for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def build_network(spec: dict) -> torch.nn.Module:
+    """A network from ``{"name": ..., "args": {...}}`` (see the module docstring)."""
+    name, args = spec["name"], dict(spec.get("args") or {})
+    if ":" in name:
+        module, _, cls_name = name.partition(":")
+        cls = getattr(importlib.import_module(module), cls_name)
+    else:
+        import monai.networks.nets as nets
+
+        cls = getattr(nets, name, None)
+        if cls is None:
+            raise ModelLoadError(f"network {name!r} is not in monai.networks.nets",
+                                 hint="use a MONAI network name (e.g. UNet, SegResNet) or 'module:Class'")
+    return cls(**args)
+
+
+def load_state_dict(path: Path, device: str) -> dict:
+    """A state_dict from ``torch.save`` output (also accepts ``{"model"|"state_dict": ...}`` checkpoints)."""
+    obj = torch.load(path, map_location=device, weights_only=True)
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "network"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{path}: not a state_dict (a {type(obj).__name__})")
+    return {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel checkpoints
+
+
+class TorchModel(Model):
+    """A segmentation network served through the slab-stitched sliding window. Subclasses build ``self.net``."""
+
+    net: torch.nn.Module
+
+    def load(self, device: str) -> None:
+        self.device = device
+        self.net = self.build(device).to(device).eval()
+
+    def build(self, device: str) -> torch.nn.Module:  # pragma: no cover - abstract in spirit
+        raise NotImplementedError
+
+    def predictor(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (1, C, ...) for a window; first element when a network returns a tuple (deep supervision)."""
+        out = self.net(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if isinstance(out, dict):
+            out = next(iter(out.values()))
+        return out
+
+    def infer(self, image: sitk.Image, params: dict) -> sitk.Image:
+        wanted = self.wanted_labels(params)
+        keep = None if len(wanted) == len(self.manifest.labels) else list(wanted.values())
+        return segment(image, self.predictor, self.manifest, params, device=self.device, wanted=keep)
+
+    def weights_path(self) -> Path:
+        if not self.manifest.weights:
+            raise ModelLoadError(f"{self.folder}: the manifest names no \"weights\" file")
+        path = self.folder / self.manifest.weights
+        if not path.is_file():
+            raise ModelLoadError(f"{self.folder}: weights file {self.manifest.weights!r} is missing")
+        return path
+
+
+class NetworkModel(TorchModel):
+    """``manifest.network`` built, then ``manifest.weights`` (a state_dict) loaded strictly."""
+
+    def build(self, device: str) -> torch.nn.Module:
+        path = self.weights_path()
+        try:
+            net = build_network(self.manifest.network or {})
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"{self.folder}: cannot build network {self.manifest.network!r}: {exc}") from exc
+        try:
+            net.load_state_dict(load_state_dict(path, "cpu"))
+        except (RuntimeError, ValueError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0][:300]
+            raise ModelLoadError(f"{path}: weights do not fit the network: {first}",
+                                 hint="check \"network\" in the manifest against how the weights were trained") from exc
+        return net
+
+
+class TorchScriptModel(TorchModel):
+    """``manifest.weights`` read with ``torch.jit.load``: no Python class needed."""
+
+    def build(self, device: str) -> torch.nn.Module:
+        path = self.weights_path()
+        try:
+            return torch.jit.load(str(path), map_location=device)
+        except (RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0][:300]
+            raise ModelLoadError(f"{path}: not a TorchScript model torch.jit.load can read: {first}") from exc

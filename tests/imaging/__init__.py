@@ -1,0 +1,1 @@
+"""Tests of hpcseg.imaging and hpcseg.phantoms."""

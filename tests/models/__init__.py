@@ -1,0 +1,1 @@
+"""Tests of the model code: hpcseg.server.{models,inference,...} and hpcseg.training."""

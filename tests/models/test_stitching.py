@@ -1,0 +1,120 @@
+"""Slab stitching gives exactly MONAI's sliding_window_inference + argmax labels, in less memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.data.utils import dense_patch_slices
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import UNet
+
+from hpcseg.server.inference import sliding_window_labels
+
+CASES = [  # (spatial size, roi, overlap, mode, sw_batch_size): odd sizes, padding, several overlaps and batches
+    ((33, 29, 41), (16, 16, 16), 0.25, "constant", 1),
+    ((40, 36, 50), (16, 12, 20), 0.5, "gaussian", 1),
+    ((20, 18, 13), (16, 16, 16), 0.7, "constant", 3),  # z smaller than the roi: padded
+    ((12, 30, 70), (16, 16, 16), 0.0, "constant", 2),  # no overlap; x padded
+    ((31, 31, 31), (32, 16, 24), 0.6, "gaussian", 4),
+    ((17, 15, 37), (12, 12, 16), 0.8, "gaussian", 1),  # up to 5 windows deep in z
+]
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return UNet(3, 1, 5, (4, 8), (2,), num_res_units=0).eval()
+
+
+def _monai(x, predictor, roi, sw, overlap, mode="constant"):
+    with torch.no_grad():
+        return sliding_window_inference(x, roi, sw, predictor, overlap=overlap, mode=mode).argmax(1)[0]
+
+
+@pytest.mark.parametrize("size,roi,overlap,mode,sw", CASES)
+def test_labels_equal_monai_with_a_random_unet(net, size, roi, overlap, mode, sw):
+    x = torch.randn(1, 1, *size, generator=torch.Generator().manual_seed(sum(size)))
+    with torch.no_grad():
+        labels = sliding_window_labels(x, net, roi, sw, overlap, mode=mode)
+    expected = _monai(x, net, roi, sw, overlap, mode)
+    assert labels.shape == tuple(size) and labels.dtype == torch.uint8
+    assert torch.equal(labels, expected.to(torch.uint8))
+
+
+def _tie_maker():
+    """Logits that differ between classes by about the rounding error of their sums: any change in the order in
+    which windows are added flips thousands of labels (the control below proves it)."""
+    torch.manual_seed(1)
+    c1, c2 = torch.nn.Conv3d(1, 1, 3, padding=1), torch.nn.Conv3d(1, 1, 5, padding=2)
+
+    def predict(x):
+        h, g = 1e4 * c1(x), c2(x)
+        return torch.cat([h, h + 1e-3 * g, h - 1e-3 * g], 1)
+
+    return predict
+
+
+def _z_outer_stitch(x, predictor, roi, overlap):
+    """Plain stitching that visits windows z-group by z-group: the same sums in another order."""
+    size = x.shape[2:]
+    interval = [r if r == s else max(int(r * (1 - overlap)), 1) for r, s in zip(roi, size, strict=True)]
+    slices = sorted(dense_patch_slices(size, roi, interval), key=lambda s: s[-1].start)
+    acc, cnt = torch.zeros(3, *size), torch.zeros(1, *size)
+    for s in slices:
+        acc[(slice(None), *s)] += predictor(x[(slice(0, 1), slice(None), *s)])[0]
+        cnt[(slice(None), *s)] += 1
+    return (acc / cnt).argmax(0).to(torch.uint8)
+
+
+@pytest.mark.parametrize("size,roi,overlap", [((33, 29, 41), (16, 16, 16), 0.5), ((20, 18, 36), (12, 12, 16), 0.75)])
+def test_summation_order_is_monais_even_when_it_decides_the_label(size, roi, overlap):
+    predict = _tie_maker()
+    x = torch.randn(1, 1, *size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = _monai(x, predict, roi, 1, overlap).to(torch.uint8)
+        labels = sliding_window_labels(x, predict, roi, 1, overlap)
+        control = _z_outer_stitch(x, predict, roi, overlap)
+    assert (control != expected).sum() > 100  # the test can tell a wrong order apart...
+    assert torch.equal(labels, expected)  # ...and the slab stitcher adds in MONAI's order
+
+
+def test_slab_buffers_stay_small(net, monkeypatch):
+    """Alive accumulators never span more than about one window in x and one slab in z."""
+    from hpcseg.server import inference
+
+    widths, depths = [], []
+    real_add = inference._Slab.add
+
+    def add(self, *args):
+        real_add(self, *args)
+        widths.append(sum(t.shape[1] for t in self.acc.values()))
+        depths.append(max(t.shape[-1] for t in self.acc.values()))
+
+    monkeypatch.setattr(inference._Slab, "add", add)
+    x = torch.randn(1, 1, 96, 24, 96)
+    with torch.no_grad():
+        labels = sliding_window_labels(x, net, (16, 16, 16), 1, 0.25)
+    assert torch.equal(labels, _monai(x, net, (16, 16, 16), 1, 0.25).to(torch.uint8))
+    assert max(widths) <= 16 + 12 and max(depths) <= 16  # roi + stride columns, a slab of at most roi slices
+
+
+def test_single_channel_output_is_thresholded_and_progress_is_reported():
+    calls = []
+    x = torch.linspace(-1, 1, 20 * 20 * 20).reshape(1, 1, 20, 20, 20)
+    labels = sliding_window_labels(x, lambda w: w.clone(), (8, 8, 8), 2, 0.5, threshold=0.0,
+                                   progress=lambda done, total: calls.append((done, total)))
+    assert torch.equal(labels, (x[0, 0] > 0).to(torch.uint8))
+    assert calls[-1][0] == calls[-1][1] and len(calls) > 1
+
+
+def test_more_than_256_classes_gives_uint16_labels():
+    x = torch.randn(1, 1, 10, 10, 10)
+    w = torch.randn(300, 1, 1, 1, 1)
+
+    def predict(win):
+        return torch.nn.functional.conv3d(win, w)
+
+    labels = sliding_window_labels(x, predict, (8, 8, 8), 1, 0.25)
+    expected = _monai(x, predict, (8, 8, 8), 1, 0.25)
+    assert labels.numpy().dtype.name == "uint16"
+    assert torch.equal(labels.to(torch.int64), expected)

@@ -144,8 +144,10 @@ write_slurm_conf
 write_if_changed "$SLURM_DIR/gres.conf" 0644 root:root >/dev/null <<EOF
 NodeName=$COMPUTE_HOST Name=gpu File=$GPU_DEV_DIR/nvidia[0-$((NGPUS - 1))]
 EOF
+SPANK_PBS=$(ls /usr/lib/*/slurm-wlm/spank_pbs.so 2>/dev/null | head -n1)
+[ -n "$SPANK_PBS" ] || die "spank_pbs.so not found (package slurm-wlm-torque?)"
 write_if_changed "$SLURM_DIR/plugstack.conf" 0644 root:root >/dev/null <<EOF
-optional /usr/lib/x86_64-linux-gnu/slurm-wlm/spank_pbs.so
+optional $SPANK_PBS
 EOF
 write_if_changed "$SLURM_DIR/slurmdbd.conf" 0600 slurm:slurm >/dev/null <<EOF
 AuthType=auth/munge

@@ -77,18 +77,17 @@ take_lock() {
 
 # write_if_changed FILE MODE OWNER  (content on stdin); prints "changed" when it rewrote the file
 write_if_changed() {
-  local f=$1 mode=$2 owner=$3 tmp
-  tmp=$(mktemp "$f.XXXXXX")
-  cat >"$tmp"
-  chmod "$mode" "$tmp"; chown "$owner" "$tmp"
-  if [ -f "$f" ] && cmp -s "$tmp" "$f"; then
-    rm -f "$tmp"
-    # still enforce mode and owner
-    chmod "$mode" "$f"; chown "$owner" "$f"
-  else
-    mv -f "$tmp" "$f"
-    echo changed
+  local f=$1 mode=$2 owner=$3 content tmp
+  content=$(cat; echo .); content=${content%.}
+  if [ -f "$f" ] && printf '%s' "$content" | cmp -s "$f" -; then
+    [ "$(stat -c '%a %U:%G' "$f")" = "${mode#0} $owner" ] || { chmod "$mode" "$f"; chown "$owner" "$f"; }
+    return 0
   fi
+  tmp=$(mktemp "$f.XXXXXX")
+  printf '%s' "$content" >"$tmp"
+  chmod "$mode" "$tmp"; chown "$owner" "$tmp"
+  mv -f "$tmp" "$f"
+  echo changed
 }
 
 sha_of() { cat "$@" 2>/dev/null | sha256sum | cut -c1-64; }
@@ -109,16 +108,23 @@ wait_until() {
 
 ns_inode() { stat -L -c %i "/run/netns/$1" 2>/dev/null || echo none; }
 
-# alive PID: the process exists and is not a zombie (reaping by PID 1 can lag here)
-alive() { local st; st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1; [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]; }
+# alive PID: the process exists and is not a zombie (reaping by PID 1 can lag here). Builtins only: it runs often.
+alive() {
+  local _a _b st _rest
+  [ -r "/proc/$1/stat" ] || return 1
+  read -r _a _b st _rest <"/proc/$1/stat" 2>/dev/null || return 1
+  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+}
 
 # pid_ok PIDFILE COMM [NETNS]: the pid file names a live process with that command name (in that namespace)
 pid_ok() {
-  local pidfile=$1 comm=$2 ns=${3:-} pid
+  local pidfile=$1 comm=$2 ns=${3:-} pid="" c=""
   [ -s "$pidfile" ] || return 1
-  pid=$(head -n1 "$pidfile" 2>/dev/null | tr -dc 0-9)
+  read -r pid <"$pidfile" 2>/dev/null || true
+  pid=${pid//[!0-9]/}
   [ -n "$pid" ] && alive "$pid" || return 1
-  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ] || return 1
+  read -r c <"/proc/$pid/comm" 2>/dev/null || return 1
+  [ "$c" = "$comm" ] || return 1
   if [ -n "$ns" ]; then
     [ "$(readlink "/proc/$pid/ns/net" 2>/dev/null)" = "net:[$(ns_inode "$ns")]" ] || return 1
   fi

@@ -108,7 +108,8 @@ def start_server(workdir: Path, models_dir: Path, *args: str, timeout: float = 6
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(REPO), env.get("PYTHONPATH", "")])
     with open(err, "wb") as errf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hpcseg.server", "--models-dir", str(models_dir), "--connection-file", str(conn),
+            [sys.executable, "-m", "hpcseg.server", "--no-builtin-models", "--models-dir", str(models_dir),
+             "--connection-file", str(conn),
              "--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--log-file", str(log), *args],
             stdout=subprocess.DEVNULL, stderr=errf, cwd=workdir, env=env)
     deadline = time.monotonic() + timeout

@@ -199,7 +199,8 @@ def test_no_loadable_model_exits_3_without_a_connection_file(tmp_path):
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)])}
     conn = tmp_path / "connection.json"
-    res = subprocess.run([sys.executable, "-m", "hpcseg.server", "--models-dir", str(models), "--connection-file",
+    res = subprocess.run([sys.executable, "-m", "hpcseg.server", "--no-builtin-models", "--models-dir", str(models),
+                          "--connection-file",
                           str(conn), "--device", "cpu"], env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 3 and not conn.exists()
     assert "no model could be loaded" in res.stderr and "corrupt" in res.stderr

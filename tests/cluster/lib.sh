@@ -247,12 +247,13 @@ node_state() { sinfo -h -n "$COMPUTE_HOST" -o %t 2>/dev/null | head -n1; }
 ctld_up() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
 running_config_accounting() { scontrol show config 2>/dev/null | awk -F'= ' '/^AccountingStorageType/ {print $2}' | tr -d ' '; }
 
-# node_ready: exactly "idle"; "mixed"/"allocated" also count while jobs are in the queue (a busy, healthy node)
+# node_ready: exactly "idle"; while jobs are in the queue also "mix", "alloc", "alloc+" (allocated, some jobs
+# completing) and "comp" (a busy, healthy node). Never "idle*" (not responding), drain, down, inval...
 node_ready() {
   local st; st=$(node_state)
   [ "$st" = idle ] && return 0
   case "$st" in
-    mix|alloc) [ -n "$(squeue -h -o %i 2>/dev/null | head -n1)" ] && return 0 ;;
+    mix|mix+|alloc|alloc+|comp) [ -n "$(squeue -h -o %i 2>/dev/null | head -n1)" ] && return 0 ;;
   esac
   return 1
 }

@@ -274,7 +274,7 @@ class Config:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".toml", dir=path.parent)
         try:
-            with os.fdopen(fd, "w") as fh:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(self.to_toml())
             os.chmod(tmp, 0o600)
             os.replace(tmp, path)
@@ -291,7 +291,7 @@ def load_config(path: Path | None = None) -> Config:
     if not path.exists():
         return Config(path=path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}", hint="fix the TOML syntax or move the file away") from exc
     unknown = set(data) - {"default", "profiles"}

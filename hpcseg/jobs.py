@@ -86,13 +86,13 @@ class JobStore:
             yield records
             if [asdict(r) for r in records] != before:
                 fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".jobs.", suffix=".json")
-                with os.fdopen(fd, "w") as fh:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
                     json.dump([asdict(r) for r in records], fh, indent=1)
                 os.replace(tmp, self.path)
 
     def _read(self) -> list[JobRecord]:
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return []
         except (OSError, ValueError) as exc:

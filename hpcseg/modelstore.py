@@ -139,7 +139,7 @@ def finetune(models_dir: Path, name: str, dataset: Path, *, epochs: int | None =
     else:
         log.info("not promoted: mean Dice dropped %.4f -> %.4f; current stays %s (use --force to override)",
                  _mean(before), _mean(after), base_manifest.version)
-    with _locked(root), open(root / "history.jsonl", "a") as fh:
+    with _locked(root), open(root / "history.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(decision) + "\n")
     return decision
 
@@ -175,12 +175,12 @@ def list_models(models_dir: Path) -> list[dict[str, Any]]:
 def _version_info(folder: Path, label: str) -> dict[str, Any]:
     info: dict[str, Any] = {"version": label}
     try:
-        man = json.loads((folder / "hpcseg-model.json").read_text())
+        man = json.loads((folder / "hpcseg-model.json").read_text(encoding="utf-8"))
         info.update(model_version=man.get("version"), type=man.get("type"), labels=man.get("labels"))
     except (OSError, ValueError) as exc:
         info["error"] = str(exc)
     try:
-        m = json.loads((folder / "metrics.json").read_text())
+        m = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
         info["val_dice"] = m.get("val_dice")
     except (OSError, ValueError):
         pass

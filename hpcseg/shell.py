@@ -159,7 +159,7 @@ class LocalShell:
 
     def read_text(self, remote: str) -> str | None:
         try:
-            return self._path(remote).read_text(errors="replace")
+            return self._path(remote).read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return None
 
@@ -168,7 +168,7 @@ class LocalShell:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
         try:
-            with os.fdopen(fd, "w") as fh:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)
             os.chmod(tmp, mode)
             os.replace(tmp, dest)

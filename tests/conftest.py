@@ -30,6 +30,17 @@ def cluster() -> TestCluster:
 
 
 @pytest.fixture(autouse=True)
+def keep_locale():
+    """GDCM (SimpleITK's DICOM I/O) switches the process to the C locale; undo that after each test, so one
+    test's DICOM cannot change how the next one encodes text."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
+
+
+@pytest.fixture(autouse=True)
 def no_proxy_env(monkeypatch):
     """A proxy in the environment must not capture requests to tunnels on localhost."""
     for name in PROXY_VARS:

@@ -60,7 +60,7 @@ def upload(ctx: Ctx, pairs: tuple[Path, ...], dataset: str, labels: str | None, 
         pair_labels = lbl
         sidecar = Path(str(mask).removesuffix(".gz").removesuffix(".nii").removesuffix(".nrrd") + ".labels.json")
         if pair_labels is None and sidecar.exists():
-            pair_labels = {k: int(v) for k, v in json.loads(sidecar.read_text()).items()}
+            pair_labels = {k: int(v) for k, v in json.loads(sidecar.read_text(encoding="utf-8")).items()}
         try:
             r = up.upload(image, mask, dataset=dataset, labels=pair_labels, split=split,
                           model_version=model_version, progress=_bar(f"{image.name}", as_json))

@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .config import Profile, state_dir
+from .config import Profile, state_dir, walltime_seconds
 from .errors import HpcsegError, JobError, SubmitFailed
 from .schedulers import JobState, JobStatus, SubmitSpec, drive, get_scheduler
 from .schedulers.base import backoff_intervals
@@ -236,11 +236,29 @@ class JobManager:
         return result
 
     def _from_exit_file(self, rec: JobRecord, st: JobStatus) -> JobStatus:
-        text = self.shell.read_text(posixpath.join(rec.job_dir, "exit_code"))
-        if text is None or not text.strip().lstrip("-").isdigit():
+        """Resolve a job the scheduler forgot from what the job itself wrote (see templates/base.sh.j2).
+
+        ``exit_code`` holds the status, 128+N after signal N. A SIGTERM (143) is a walltime kill when the job ran
+        for its whole walltime (``started`` to the exit_code file's time) or was warned (``ending``), a cancel when
+        this client cancelled it, else a failure.
+        """
+        d = shlex.quote(rec.job_dir)
+        res = self.shell.run(f"cd {d} 2>/dev/null && cat exit_code && echo . && cat started 2>/dev/null; echo ."
+                             f" && cat ending 2>/dev/null; echo . && stat -c %Y exit_code")
+        parts = res.stdout.split(".\n") if res.ok else []
+        if len(parts) < 4 or not parts[0].strip().lstrip("-").isdigit():
             return st
-        code = int(text.strip())
+        code = int(parts[0].strip())
+        started = int(parts[1].strip()) if parts[1].strip().isdigit() else None
+        ended = int(parts[3].strip()) if parts[3].strip().isdigit() else None
+        ending = parts[2].strip()
         state = JobState.COMPLETED if code == 0 else JobState.FAILED
+        if code == 143:
+            limit = walltime_seconds(self.profile.walltime)
+            if ending == "walltime" or (started and ended and ended - started >= limit - 5):
+                state = JobState.TIMEOUT
+            elif rec.extra.get("cancelled"):
+                state = JobState.CANCELLED
         return JobStatus(job_id=rec.job_id, state=state, native_state=f"exit_code file: {code}", exit_code=code,
                          source="exit-code-file")
 
@@ -275,6 +293,10 @@ class JobManager:
     def cancel(self, job_ids: list[str], *, quiet: bool = False) -> None:
         cmd = self.scheduler.cancel_command(job_ids)
         res = self.shell.run(list(cmd.argv), stdin=cmd.stdin, timeout=60)
+        for jid in job_ids:  # remembered, so a forgotten job's SIGTERM reads "cancelled" later, in any process
+            rec = self._record(jid)
+            if rec is not None:
+                self.store.update(self.profile.name, jid, extra={**rec.extra, "cancelled": True})
         try:
             self.scheduler.parse_cancel(res, job_ids)
         except HpcsegError:

@@ -147,10 +147,11 @@ class ServerConnection:
 
     def __init__(self, profile: Profile, *, jobs: JobManager | None = None, start: bool = True,
                  timeout: float | None = 1800, progress: Progress | None = None,
-                 params: dict[str, Any] | None = None) -> None:
+                 params: dict[str, Any] | None = None, new: bool = False) -> None:
         self.profile = profile
         self.jobs = jobs or JobManager(profile)
         self._start = start
+        self._new = new
         self._timeout = timeout
         self._progress = progress
         self._params = params
@@ -163,7 +164,8 @@ class ServerConnection:
     def open(self) -> ServerConnection:
         from .client import ServerClient
 
-        found = find_server(self.jobs)
+        found = None if self._new else find_server(self.jobs)
+        started_here = found is None
         if found is None:
             if not self._start:
                 raise JobError(f"no running server job for profile {self.profile.name}",
@@ -185,8 +187,13 @@ class ServerConnection:
             self.client.wait_ready(timeout=self._timeout or 600)
             if self._progress:
                 self._progress(f"ready: job {self.record.job_id} at {self.url}")
-        except BaseException:
+        except BaseException as exc:
             self.close()
+            if started_here:  # we started it: a start that fails must not leave a job behind
+                self.jobs.cancel([self.record.job_id], quiet=True)
+                if isinstance(exc, HpcsegError):
+                    raise JobError(f"{exc.message}; the job was cancelled.\n{log_tail(self.jobs, self.record.job_id)}",
+                                   hint=exc.hint) from exc
             raise
         return self
 

@@ -40,12 +40,14 @@ def _params(items: tuple[str, ...]) -> dict:
 @click.option("--template", "-t", default="server", show_default=True, help="Job template to render.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="A template parameter (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Print the exact script that would be submitted, submit nothing.")
-@click.option("--wait/--no-wait", default=False, help="Wait until the job runs (server: until it is ready).")
+@click.option("--wait/--no-wait", default=None,
+              help="Wait until the job runs; a server job waits until it is ready (default for `server`).")
 @click.option("--timeout", type=float, default=None, help="Seconds to wait with --wait.")
 @json_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @pass_ctx
-def submit(ctx: Ctx, template: str, params: tuple[str, ...], dry_run: bool, wait: bool, timeout: float | None,
+def submit(ctx: Ctx, template: str, params: tuple[str, ...], dry_run: bool, wait: bool | None,
+           timeout: float | None,
            as_json: bool, command: tuple[str, ...]) -> None:
     """Render a job template and submit it (COMMAND after `--` for the `run` template).
 
@@ -55,12 +57,27 @@ def submit(ctx: Ctx, template: str, params: tuple[str, ...], dry_run: bool, wait
       hpcseg submit -t run -- python train.py --epochs 3
     """
     p = _params(params)
+    if wait is None:
+        wait = template == "server"
     if command:
         p["command"] = list(command)
     jm = ctx.jobs
     if dry_run:
         script, _job_dir, _name = jm.render(template, p)
         click.echo(script, nl=False)
+        return
+    if template == "server" and wait:
+        from ..serverjobs import ServerConnection
+        from .server_cmds import _progress_line
+
+        with ServerConnection(ctx.profile, jobs=jm, new=True, timeout=timeout,
+                              progress=_progress_line(as_json), params=p) as conn:
+            rec = conn.record
+        if as_json:
+            emit_json({"job_id": rec.job_id, "job_dir": rec.job_dir, "template": template, "profile": rec.profile,
+                       "ready": True, "host": conn.info.host, "port": conn.info.port})
+        else:
+            click.echo(f"server job {rec.job_id} is ready; use it with hpcseg segment / hpcseg connect")
         return
     rec = jm.submit(template, p)
     if not as_json:

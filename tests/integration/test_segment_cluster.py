@@ -139,6 +139,19 @@ def test_monai_label_client_through_the_tunnel(server, tmp_path):
     assert mask.GetSize() == image.GetSize() and params["model"] == "ct-body"
 
 
+def test_tunnel_survives_a_dropped_ssh_connection(server):
+    """The SSH connection under the tunnel drops (laptop sleep, Wi-Fi): the next request reconnects it with the
+    same key, no prompt, and the same local URL keeps working."""
+    import socket
+
+    before = server.jobs.shell.transport
+    assert server.client.info()["models"]
+    before.sock.shutdown(socket.SHUT_RDWR)  # the TCP connection dies under paramiko
+    before.close()
+    assert server.client.info()["models"]  # same URL, same client
+    assert server.jobs.shell.transport is not before and server.jobs.shell.transport.is_active()
+
+
 def test_cancel_during_request_fails_fast_and_idle_server_ends(cluster, tmp_path):
     jm = new_jobs(cluster, tmp_path, "slurm", idle_timeout=600)
     conn = ServerConnection(jm.profile, jobs=jm, timeout=300).open()

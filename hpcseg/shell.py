@@ -123,39 +123,10 @@ class LocalShell:
 
     def put(self, local: str | os.PathLike, remote: str, *, mode: int | None = None,
             progress: Callable[[int, int], None] | None = None) -> None:
-        dest = self._path(remote)
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-            os.close(fd)
-            try:
-                shutil.copyfile(local, tmp)
-                if progress:
-                    size = os.path.getsize(tmp)
-                    progress(size, size)
-                if mode is not None:
-                    os.chmod(tmp, mode)
-                os.replace(tmp, dest)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        except OSError as exc:
-            raise TransferFailed(f"cannot copy {local} to {remote}: {exc}") from exc
+        _atomic_copy(Path(local), self._path(remote), mode=mode, progress=progress)
 
     def get(self, remote: str, local: str | os.PathLike) -> None:
-        src = self._path(remote)
-        dest = Path(local)
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent or ".")
-            os.close(fd)
-            try:
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, dest)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        except OSError as exc:
-            raise TransferFailed(f"cannot copy {remote} to {local}: {exc}") from exc
+        _atomic_copy(self._path(remote), Path(local))
 
     def read_text(self, remote: str) -> str | None:
         try:
@@ -181,3 +152,25 @@ class LocalShell:
 
     def close(self) -> None:
         pass
+
+
+def _atomic_copy(src: Path, dest: Path, *, mode: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+    """Copy to a temp name beside ``dest``, then rename: no reader ever sees a partial file."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(src, tmp)
+            if progress:
+                size = os.path.getsize(tmp)
+                progress(size, size)
+            if mode is not None:
+                os.chmod(tmp, mode)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise TransferFailed(f"cannot copy {src} to {dest}: {exc}") from exc

@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import getpass
+import gzip
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ import posixpath
 import shlex
 import socket
 import tempfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -82,13 +84,22 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _check_complete(path: Path) -> None:
+    """ITK reads a truncated .gz as if complete (the missing voxels read as 0): read the stream to its end."""
+    if path.is_file() and path.name.endswith(".gz"):
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 22):
+                pass
+
+
 def _read(path: str | os.PathLike, what: str) -> sitk.Image:
     from .imaging import read_image
 
     try:
+        _check_complete(Path(path))
         return read_image(path)
-    except (ImageError, RuntimeError, OSError) as exc:
-        raise DatasetError(f"refused: the {what} {path} cannot be read ({exc})",
+    except (ImageError, RuntimeError, OSError, EOFError, zlib.error) as exc:
+        raise DatasetError(f"refused: the {what} {path} cannot be read ({exc or type(exc).__name__})",
                            hint=f"check that {path} is a complete NIfTI/NRRD/MHA file or DICOM folder") from exc
 
 
@@ -118,7 +129,17 @@ def _clean_copy(img: sitk.Image) -> sitk.Image:
     return out
 
 
-def prepare_pair(image_path: str | os.PathLike, mask_path: str | os.PathLike, labels: dict[str, int],
+def check_labels(present: list[int], labels: dict[str, int], mask_path: str | os.PathLike) -> None:
+    """Refuse label values the dataset does not know."""
+    unknown = [v for v in present if v not in set(labels.values()) | {0}]
+    if unknown:
+        names = ", ".join(f"{k}={v}" for k, v in sorted(labels.items(), key=lambda kv: kv[1]))
+        raise DatasetError(f"refused: the mask {mask_path} has label values {unknown} the dataset does not know "
+                           f"(it knows 0=background, {names})",
+                           hint="relabel the mask, or create a new dataset with --labels NAME=VALUE,...")
+
+
+def prepare_pair(image_path: str | os.PathLike, mask_path: str | os.PathLike, labels: dict[str, int] | None,
                  workdir: Path) -> PreparedPair:
     """Validate a pair and write its upload files; raises DatasetError naming the problem, sends nothing."""
     image = _read(image_path, "image")
@@ -135,13 +156,8 @@ def prepare_pair(image_path: str | os.PathLike, mask_path: str | os.PathLike, la
     if not any(v > 0 for v in present):
         raise DatasetError(f"refused: the mask {mask_path} is empty (no labelled voxel)",
                            hint="check you exported the right segmentation")
-    known = set(labels.values()) | {0}
-    unknown = [v for v in present if v not in known]
-    if unknown:
-        names = ", ".join(f"{k}={v}" for k, v in sorted(labels.items(), key=lambda kv: kv[1]))
-        raise DatasetError(f"refused: the mask {mask_path} has label values {unknown} the dataset does not know "
-                           f"(it knows 0=background, {names})",
-                           hint="relabel the mask, or create a new dataset with --labels NAME=VALUE,...")
+    if labels is not None:
+        check_labels(present, labels, mask_path)
     mask_u = sitk.Cast(_clean_copy(mask), sitk.sitkUInt8 if max(present) < 256 else sitk.sitkUInt16)
     workdir.mkdir(parents=True, exist_ok=True)
     img_file, lbl_file = workdir / "image.nii.gz", workdir / "label.nii.gz"
@@ -172,7 +188,6 @@ def save(m):
     tmp = man + ".%d.tmp" % os.getpid()
     with open(tmp, "w") as f: json.dump(m, f, indent=1, sort_keys=True); f.flush(); os.fsync(f.fileno())
     os.replace(tmp, man)
-for sub in ("imagesTr", "labelsTr", ".incoming"): os.makedirs(os.path.join(d, sub), exist_ok=True)
 m = load()
 if op == "status":
     inc = {}
@@ -181,6 +196,7 @@ if op == "status":
     print(json.dumps({"exists": m is not None, "labels": (m or {}).get("labels"), "case": case, "incoming": inc}))
     sys.exit(0)
 if op == "commit":
+    for sub in ("imagesTr", "labelsTr", ".incoming"): os.makedirs(os.path.join(d, sub), exist_ok=True)
     if m is None:
         m = {"name": a["name"], "description": "hpcseg dataset", "tensorImageSize": "3D",
              "modality": {"0": a.get("modality", "CT")}, "labels": a["labels"], "numTraining": 0, "numTest": 0,
@@ -228,8 +244,9 @@ class DatasetUploader:
     def _remote(self, dataset: str, op: str, **args: Any) -> dict:
         d = self._dir(dataset)
         payload = json.dumps({"dir": d, "op": op, "name": dataset, **args})
-        cmd = (f"mkdir -p {shlex.quote(d)} && flock {shlex.quote(d + '/.lock')} "
-               f"{shlex.quote(self.python)} -c {shlex.quote(_REMOTE)} {shlex.quote(payload)}")
+        run = f"{shlex.quote(self.python)} -c {shlex.quote(_REMOTE)} {shlex.quote(payload)}"
+        # Reads need no lock (dataset.json is replaced atomically); changes happen under flock on .lock.
+        cmd = run if op == "status" else f"mkdir -p {shlex.quote(d)} && flock {shlex.quote(d + '/.lock')} {run}"
         res = self.shell.run(cmd, timeout=300)
         try:
             out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -253,17 +270,21 @@ class DatasetUploader:
         """Validate, send and commit one pair (see the module docstring for the guarantees)."""
         if split not in ("train", "val", "auto"):
             raise DatasetError(f"split {split!r} is not allowed: train, val or auto")
-        known = self.dataset_labels(dataset)
-        if known is None:
-            if not labels:
-                raise DatasetError(f"dataset {dataset!r} does not exist yet: say which labels it has",
-                                   hint="e.g. --labels body=1,lungs=2,bone=3")
-            known = labels
-        elif labels and any(known.get(k) != v for k, v in labels.items()):
-            raise DatasetError(f"labels {labels} differ from dataset {dataset!r}'s {known}")
         with tempfile.TemporaryDirectory(prefix="hpcseg-upload-") as tmp:
-            pair = prepare_pair(image, mask, known, Path(tmp))
+            # Everything but the labels is checked first, so one call to the cluster tells both the dataset's
+            # labels and whether this very pair (or part of it) is already there.
+            pair = prepare_pair(image, mask, None, Path(tmp))
             st = self._remote(dataset, "status", case=pair.case_id)
+            if not st["exists"]:
+                if not labels:
+                    raise DatasetError(f"dataset {dataset!r} does not exist yet: say which labels it has",
+                                       hint="e.g. --labels body=1,lungs=2,bone=3")
+                known = labels
+            else:
+                known = {name: int(v) for v, name in st["labels"].items() if int(v) != 0}
+                if labels and any(known.get(k) != v for k, v in labels.items()):
+                    raise DatasetError(f"labels {labels} differ from dataset {dataset!r}'s {known}")
+            check_labels(pair.labels_present, known, mask)
             case = st.get("case")
             if case and case["image_sha256"] == pair.image_sha256 and case["label_sha256"] == pair.label_sha256:
                 return UploadResult(pair.case_id, "skipped", case["split"], 0, pair.raw_bytes)

@@ -247,13 +247,12 @@ node_state() { sinfo -h -n "$COMPUTE_HOST" -o %t 2>/dev/null | head -n1; }
 ctld_up() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
 running_config_accounting() { scontrol show config 2>/dev/null | awk -F'= ' '/^AccountingStorageType/ {print $2}' | tr -d ' '; }
 
-# node_ready: exactly "idle"; while jobs are in the queue also "mix", "alloc", "alloc+" (allocated, some jobs
-# completing) and "comp" (a busy, healthy node). Never "idle*" (not responding), drain, down, inval...
+# node_ready: "idle", or a busy healthy node: "mix", "alloc", "alloc+" (some jobs completing), "comp". slurmctld
+# may report "mix" for a while after the last job left the queue, so the queue is not consulted. Never "idle*"
+# (not responding), drain, down, inval...
 node_ready() {
-  local st; st=$(node_state)
-  [ "$st" = idle ] && return 0
-  case "$st" in
-    mix|mix+|alloc|alloc+|comp) [ -n "$(squeue -h -o %i 2>/dev/null | head -n1)" ] && return 0 ;;
+  case "$(node_state)" in
+    idle|mix|mix+|alloc|alloc+|comp) return 0 ;;
   esac
   return 1
 }

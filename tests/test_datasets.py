@@ -1,0 +1,118 @@
+"""Validated uploads into a dataset through a real shell (this machine: LocalShell; the cluster: tests/integration)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from hpcseg.datasets import DatasetUploader
+from hpcseg.errors import DatasetError
+from hpcseg.shell import LocalShell
+
+LABELS = {"body": 1, "lungs": 2, "bone": 3, "liver": 4}
+
+
+def make_pair(tmp: Path, seed: int, *, shape=(24, 20, 16)) -> tuple[Path, Path]:
+    rng = np.random.default_rng(seed)
+    img = rng.normal(0, 50, size=shape[::-1]).astype(np.int16)
+    lbl = np.zeros(shape[::-1], np.uint8)
+    lbl[4:10, 5:12, 6:14] = 1 + seed % 4
+    image = sitk.GetImageFromArray(img)
+    image.SetSpacing((0.8, 0.8, 2.5))
+    image.SetOrigin((-10.0, 5.0, 30.0))
+    image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, -1))
+    mask = sitk.GetImageFromArray(lbl)
+    mask.CopyInformation(image)
+    ip, mp = tmp / f"img{seed}.nii.gz", tmp / f"mask{seed}.nii.gz"
+    sitk.WriteImage(image, str(ip))
+    sitk.WriteImage(mask, str(mp))
+    return ip, mp
+
+
+@pytest.fixture
+def up(tmp_path):
+    return DatasetUploader(LocalShell(), str(tmp_path / "datasets"), python=sys.executable)
+
+
+def test_upload_then_skip_duplicate(up, tmp_path):
+    ip, mp = make_pair(tmp_path, 1)
+    r1 = up.upload(ip, mp, dataset="phantoms", labels=LABELS, model_version="phantom-unet@1")
+    assert r1.status == "uploaded" and r1.bytes_sent > 0
+    r2 = up.upload(ip, mp, dataset="phantoms")
+    assert r2.status == "skipped" and r2.case_id == r1.case_id and r2.bytes_sent == 0
+    man = up.manifest("phantoms")
+    entries = man["training"] + man["validation"]
+    assert len(entries) == 1 and man["numTraining"] == 1
+    assert man["labels"] == {"0": "background", "1": "body", "2": "lungs", "3": "bone", "4": "liver"}
+    prov = man["hpcseg"]["cases"][r1.case_id]
+    assert prov["model_version"] == "phantom-unet@1" and len(prov["image_sha256"]) == 64
+    root = Path(up.root) / "phantoms"
+    img = sitk.ReadImage(str(root / entries[0]["image"]))
+    assert img.GetSpacing() == pytest.approx((0.8, 0.8, 2.5)) and img.GetDirection() == (0, 1, 0, 1, 0, 0, 0, 0, -1)
+    assert str(ip.name) not in json.dumps(man)  # the case id replaces the file name
+
+
+@pytest.mark.parametrize("problem", ["geometry", "unknown-label", "empty", "corrupt", "float-mask"])
+def test_bad_pairs_refused_before_sending(up, tmp_path, problem):
+    ip, mp = make_pair(tmp_path, 2)
+    if problem == "geometry":
+        m = sitk.ReadImage(str(mp))
+        m.SetOrigin((0.0, 0.0, 0.0))
+        sitk.WriteImage(m, str(mp))
+        match = "origin differs"
+    elif problem == "unknown-label":
+        m = sitk.ReadImage(str(mp))
+        m[1, 1, 1] = 9
+        sitk.WriteImage(m, str(mp))
+        match = r"label values \[9\]"
+    elif problem == "empty":
+        m = sitk.ReadImage(str(mp)) * 0
+        sitk.WriteImage(m, str(mp))
+        match = "empty"
+    elif problem == "corrupt":
+        data = ip.read_bytes()
+        ip.write_bytes(data[: len(data) // 2])
+        match = "cannot be read"
+    else:
+        m = sitk.Cast(sitk.ReadImage(str(mp)), sitk.sitkFloat32) * 0.5
+        sitk.WriteImage(m, str(mp))
+        match = "integer label map"
+    with pytest.raises(DatasetError, match=match):
+        up.upload(ip, mp, dataset="phantoms", labels=LABELS)
+    assert not (Path(up.root) / "phantoms").exists()  # nothing was sent, not even a folder made
+
+
+def test_parallel_uploaders_lose_nothing(up, tmp_path):
+    pairs = [make_pair(tmp_path, s) for s in range(20)]
+    up.upload(*pairs[0], dataset="par", labels=LABELS)
+    errors = []
+
+    def worker(chunk):
+        try:
+            w = DatasetUploader(LocalShell(), up.root, python=sys.executable)
+            for ip, mp in chunk:
+                w.upload(ip, mp, dataset="par")
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(pairs[i::2],)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    man = up.manifest("par")
+    entries = man["training"] + man["validation"]
+    assert len(entries) == 20 and len({e["image"] for e in entries}) == 20
+    root = Path(up.root) / "par"
+    for case, prov in man["hpcseg"]["cases"].items():
+        got = subprocess.run(["sha256sum", root / "imagesTr" / f"{case}.nii.gz", root / "labelsTr" / f"{case}.nii.gz"],
+                             capture_output=True, text=True, check=True).stdout.split()
+        assert got[0] == prov["image_sha256"] and got[2] == prov["label_sha256"]

@@ -57,7 +57,7 @@ def estimate_bytes(variant: str, classes: int, size: tuple[int, int, int], roi: 
     """What a variant's stitching needs beyond the input, in bytes (float32 logits, MONAI's int64 argmax)."""
     x, y, z = size
     stride = max(int(roi * (1 - overlap)), 1)
-    window = classes * roi**3 * 4 * 3  # the network's output and activations of one window, roughly
+    window = classes * roi**3 * 4 * 8  # the network's last activations at C channels for one window (measured)
     if variant == "monai":  # output + count map + argmax (int64) + its uint8 copy
         return classes * x * y * z * 4 + x * y * z * (4 + 8 + 1) + window
     # the slab stitcher: the largest (alive columns of the finishing slab + kept window tails) over the z-groups

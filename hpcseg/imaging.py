@@ -307,18 +307,22 @@ def resample(image: sitk.Image, spacing: Sequence[float] | None = None, interpol
              direction: Sequence[float] | None = None, default_value: float | None = None) -> sitk.Image:
     """Resample onto a grid with ``spacing`` (and ``direction``) covering the same physical field of view.
 
-    The new grid's outer voxel edges sit on the old ones (so down- then up-sampling lines up); ``spacing`` None keeps
-    the spacing, ``direction`` None keeps the direction. ``interpolator``: "linear", "nearest" (labels), "bspline".
-    Pixels outside the input get ``default_value`` (default: the image minimum, e.g. air for CT; 0 for nearest).
+    The new grid's outer voxel edges sit on the old ones (so down- then up-sampling lines up). ``spacing`` None keeps
+    the spacing (each new axis that of the old axis it runs along); ``direction`` None keeps the direction.
+    ``interpolator``: "linear", "nearest" (labels) or "bspline". Pixels outside the input get ``default_value``
+    (default: the image minimum, e.g. air for CT; 0 for nearest).
 
     Example::
 
         iso = resample(ct, (1.5, 1.5, 1.5))
     """
     old_spacing, old_size = np.array(image.GetSpacing()), np.array(image.GetSize())
-    new_spacing = old_spacing if spacing is None else np.array([float(s) for s in spacing])
     old_dir = np.array(image.GetDirection()).reshape(3, 3)
     new_dir = old_dir if direction is None else np.array(direction, float).reshape(3, 3)
+    if spacing is None:  # each new axis keeps the spacing of the old axis it runs along (a reorientation)
+        new_spacing = old_spacing[np.argmax(np.abs(new_dir.T @ old_dir), axis=1)]
+    else:
+        new_spacing = np.array([float(s) for s in spacing])
     # The field of view: the 8 outer corners of the input's voxels, in physical space, then in the new axes.
     corners = np.array([[i, j, k] for i in (-0.5, old_size[0] - 0.5) for j in (-0.5, old_size[1] - 0.5)
                         for k in (-0.5, old_size[2] - 0.5)])

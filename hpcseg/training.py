@@ -55,15 +55,16 @@ BUILTINS: dict[str, dict[str, Any]] = {
             "description": "A small 3D UNet trained on hpcseg's synthetic CT phantoms (body, lungs, bone, liver); "
                            "a demonstration model for phantoms, not for patients.",
             "network": {"name": "UNet", "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 5,
-                                                 "channels": [8, 16, 32, 64], "strides": [2, 2, 2],
+                                                 "channels": [16, 32, 64, 128], "strides": [2, 2, 2],
                                                  "num_res_units": 1}},
             "spacing": [1.5, 1.5, 2.0], "roi_size": [64, 64, 48], "overlap": 0.25, "sw_batch_size": 1,
             "intensity": {"a_min": -1000, "a_max": 1000, "b_min": 0.0, "b_max": 1.0, "clip": True},
-            "extra": {"orientation": "LPS", "expect": {"modality": "CT"}},
+            # fast: no window overlap; a coarser grid would shrink the anatomy the network learned at this scale
+            "extra": {"orientation": "LPS", "expect": {"modality": "CT"}, "fast": {"overlap": 0.0}},
         },
         # Training phantoms on the model grid and on two other grids of the same field of view, so the network
         # also sees what resampling does; validation seeds are never used for training.
-        "phantoms": {"train_seeds": list(range(0, 36)), "val_seeds": list(range(1000, 1004)),
+        "phantoms": {"train_seeds": list(range(0, 48)), "val_seeds": list(range(1000, 1004)),
                      "grids": [((64, 64, 48), (1.5, 1.5, 2.0)), ((80, 80, 40), (1.2, 1.2, 2.4)),
                                ((48, 48, 64), (2.0, 2.0, 1.5))]},
         "epochs": 40, "lr": 3e-3, "batch_size": 2,
@@ -153,10 +154,11 @@ def _dice_per_label(pred: np.ndarray, truth: np.ndarray, labels: dict[str, int])
 
 def train(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, epochs: int | None = None,
           device: str = "auto", lr: float | None = None, batch_size: int | None = None, seed: int = 0,
-          val_fraction: float = 0.2, version: str | None = None) -> dict[str, Any]:
+          val_fraction: float = 0.2, version: str | None = None, dataset_name: str | None = None) -> dict[str, Any]:
     """Train ``model`` (a built-in name or a model folder to fine-tune) on ``dataset_dir``; write ``out_dir``.
 
     Returns the metrics written to ``out_dir/metrics.json`` (best epoch, per-label validation Dice, history).
+    ``dataset_name`` is what the manifest records as the dataset (default: its path).
 
     Example::
 
@@ -191,6 +193,8 @@ def train(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, epoch
     handler = logging.FileHandler(part / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
+    if log.getEffectiveLevel() > logging.INFO:  # progress lines are the point of train.log
+        log.setLevel(logging.INFO)
     try:
         labels, train_cases, val_cases = read_dataset(Path(dataset_dir), val_fraction, seed)
         clash = {k: v for k, v in labels.items() if manifest.labels.get(k, v) != v}
@@ -209,7 +213,7 @@ def train(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, epoch
         net = build_network(manifest.network or {}).to(dev)
         if start_weights is not None:
             net.load_state_dict(load_state_dict(start_weights, "cpu"))
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, **recipe.get("loss", {}))
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         rng = random.Random(seed)
@@ -245,7 +249,7 @@ def train(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, epoch
         manifest.weights = "model.pt"
         manifest.version = version or manifest.version
         manifest.extra = {**manifest.extra, "trained": {
-            "dataset": str(dataset_dir), "epochs": epochs, "best_epoch": best_epoch["epoch"],
+            "dataset": dataset_name or str(dataset_dir), "epochs": epochs, "best_epoch": best_epoch["epoch"],
             "val_dice": best_epoch["val_dice"], "from": str(start_weights) if start_weights else None}}
         manifest.save(part)
         metrics = {"model": manifest.name, "version": manifest.version, "best_epoch": best_epoch["epoch"],
@@ -309,8 +313,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.builtin and a.dataset is None:
             with tempfile.TemporaryDirectory(prefix="hpcseg-phantoms-") as tmp:
                 make_phantom_dataset(Path(tmp), **BUILTINS[a.builtin]["phantoms"])
+                recipe = BUILTINS[a.builtin]["phantoms"]
+                name = (f"hpcseg.phantoms seeds {recipe['train_seeds'][0]}-{recipe['train_seeds'][-1]} (validation "
+                        f"{recipe['val_seeds'][0]}-{recipe['val_seeds'][-1]}), made by --builtin {a.builtin}")
                 metrics = train(a.builtin, tmp, a.out, a.epochs, a.device, a.lr, a.batch_size, a.seed,
-                                version=a.version)
+                                version=a.version, dataset_name=name)
         else:
             if a.dataset is None:
                 p.error("--model needs --dataset")

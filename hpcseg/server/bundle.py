@@ -33,7 +33,7 @@ import torch
 
 from hpcseg.errors import ModelLoadError
 from hpcseg.server.models import ModelManifest
-from hpcseg.server.network_models import TorchModel, build_network, is_torchscript, load_state_dict
+from hpcseg.server.network_models import TorchModel, TorchScriptModel, build_network, is_torchscript, load_state_dict
 
 log = logging.getLogger("hpcseg.server.models")
 
@@ -141,7 +141,7 @@ class BundleModel(TorchModel):
             log.warning("bundle %s: preprocessing transforms ignored: %s", self.manifest.name,
                         ", ".join(self.manifest.extra["ignored_transforms"]))
         if is_torchscript(path):
-            return torch.jit.load(str(path), map_location=device)
+            return TorchScriptModel.build(self, device)
         parser = _parser(self.folder)
         try:
             net = parser.get_parsed_content("network_def", instantiate=True)

@@ -7,8 +7,8 @@ run, and a sanity check for a server. Steps (numpy arrays in (z, y, x) order, HU
            holes filled slice by slice along the axial axis (lungs and bowel gas are inside the body)
     lungs  air (< -400 HU) inside the body; connected components of at least 20 % of the largest air component
            and 10 mL (lungs, and the trachea where it joins them), closed and hole-filled so vessels count as lung
-    bone   > 250 HU inside the body and outside the lungs, components of at least 0.1 mL, holes filled per slice
-           (cancellous bone inside cortical rims)
+    bone   > 250 HU inside the body (over lung where they touch), components of at least 0.1 mL, holes filled per
+           slice (cancellous bone inside cortical rims)
 
 Labels: 1 body (everything else inside the body), 2 lungs, 3 bone. Known limits: contrast-filled vessels above
 250 HU are called bone; a large pocket of bowel gas may be called lung; metal artefacts follow their HU.
@@ -93,14 +93,14 @@ def segment_ct_body(hu: np.ndarray, spacing: tuple[float, ...], axial: int = 0) 
             lungs = ndimage.binary_closing(lungs, structure=_ellipsoid(radius), border_value=0) & body
             lungs = _fill_slices(lungs, axial)
 
-    bone = (hu > BONE_HU) & body & ~lungs
+    bone = (hu > BONE_HU) & body  # bone wins over lung: ribs bordering a lung were swallowed by its closing
     lab, n = ndimage.label(bone)
     if n:
         sizes = np.bincount(lab.ravel())
         small = sizes * voxel_ml < 0.1
         small[0] = False
         bone[small[lab]] = False
-        bone = _fill_slices(bone, axial) & body & ~lungs
+        bone = _fill_slices(bone, axial, max_hole_mm2=1000.0, spacing=sp) & body
 
     out = np.zeros(hu.shape, np.uint8)
     out[body] = 1
@@ -118,13 +118,29 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return lab == int(np.argmax(sizes))
 
 
-def _fill_slices(mask: np.ndarray, axis: int) -> np.ndarray:
-    """Fill holes in every 2D slice across ``axis`` (a 3D fill would miss holes open at the top or bottom)."""
+def _fill_slices(mask: np.ndarray, axis: int, max_hole_mm2: float | None = None,
+                 spacing: np.ndarray | None = None) -> np.ndarray:
+    """Fill holes in every 2D slice across ``axis`` (a 3D fill would miss holes open at the top or bottom).
+
+    With ``max_hole_mm2`` only holes up to that area are filled: the inside of a vertebra, not the whole chest
+    that ribs, sternum and spine enclose in some slices.
+    """
     out = np.moveaxis(mask.copy(), axis, 0)
     for k in range(out.shape[0]):
         if out[k].any():
             out[k] = ndimage.binary_fill_holes(out[k])
-    return np.moveaxis(out, 0, axis)
+    out = np.moveaxis(out, 0, axis)
+    if max_hole_mm2 is not None and spacing is not None:
+        holes = out & ~mask
+        in_plane = np.zeros((3, 3, 3), bool)  # 4-connected within a slice, never across slices
+        in_plane[tuple(slice(None) if i != axis else 1 for i in range(3))] = ndimage.generate_binary_structure(2, 1)
+        lab, n = ndimage.label(holes, structure=in_plane)
+        if n:
+            area = float(np.prod(np.delete(spacing, axis)))
+            big = np.bincount(lab.ravel()) * area > max_hole_mm2
+            big[0] = False
+            out[big[lab]] = False
+    return out
 
 
 def _ellipsoid(radius: np.ndarray) -> np.ndarray:

@@ -3,9 +3,12 @@
 Why a slab: MONAI's ``sliding_window_inference`` stitches every class of the whole volume in float32 (512×512×300
 at 14 classes: 4.4 GB plus a count map; 105 classes: 33 GB) and its final argmax over that is slow. Here windows
 are visited z-group by z-group (a z-group: the windows sharing a start along the last axis), weighted logits are
-accumulated only for the z-range that is about to be finished, and each finished slab is turned into uint8 labels
-at once. What must survive between z-groups is only the part of each window that overlaps the next group. Peak
-memory is about ``classes × X × Y × (stride_z + 1.8 × (roi_z - stride_z))`` floats instead of ``classes × X × Y × Z``.
+accumulated only for the z-range that is about to be finished, and finished parts become uint8 labels at once.
+Within a slab the accumulators are also cut along x at the windows' edges, and a column chunk is argmax'ed and freed
+as soon as the windows (which come in x order) have moved past it. What must survive between z-groups is only the
+part of each window that overlaps the next group. Peak memory is about
+``classes × Y × (roi_x × slab + 1.8 × X × (roi_z - stride_z))`` floats (slab ≤ roi_z) instead of MONAI's
+``classes × X × Y × Z``: for the volume above at roi 96, overlap 0.25, about a third of MONAI's.
 
 The labels are identical to ``sliding_window_inference(...).argmax(1)``: same windows (MONAI's own
 ``dense_patch_slices`` and ``compute_importance_map``), same padding, and for every voxel the weighted predictions are
@@ -192,10 +195,18 @@ def _to_labels(avg: torch.Tensor, threshold: float) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ the pipeline
 def model_grid_params(manifest: ModelManifest, image: sitk.Image, params: dict) -> tuple[list[float] | None,
                                                                                            tuple | None]:
-    """(spacing, direction) of the grid the network runs on for this request; None = keep the image's."""
+    """(spacing, direction) of the grid the network runs on for this request; None = keep the image's.
+
+    ``fast`` runs at twice the model's spacing, unless the manifest's ``extra.fast`` says otherwise
+    (``{"spacing": [...], "overlap": ...}``: a network trained at one scale may prefer fewer windows instead).
+    """
     spacing = list(manifest.spacing) if manifest.spacing else None
     if params.get("fast"):
-        spacing = [2.0 * s for s in (spacing or image.GetSpacing())]
+        fast = manifest.extra.get("fast")
+        if isinstance(fast, dict):  # the model says what fast means for it (a network is scale-specific)
+            spacing = fast.get("spacing", spacing)
+        else:
+            spacing = [2.0 * s for s in (spacing or image.GetSpacing())]
     orientation = manifest.extra.get("orientation")
     direction = imaging.orientation_direction(orientation) if orientation else None
     return spacing, direction
@@ -243,7 +254,9 @@ def window_params(manifest: ModelManifest, params: dict) -> dict[str, Any]:
         roi = [roi] * 3
     if not (isinstance(roi, list) and len(roi) == 3 and all(isinstance(r, int) and r > 0 for r in roi)):
         raise bad_request(f"roi_size must be three positive integers, got {roi!r}")
-    overlap = params.get("overlap", manifest.overlap)
+    fast = manifest.extra.get("fast") if params.get("fast") else None
+    default_overlap = fast.get("overlap", manifest.overlap) if isinstance(fast, dict) else manifest.overlap
+    overlap = params.get("overlap", default_overlap)
     if not (isinstance(overlap, (int, float)) and 0 <= overlap < 1):
         raise bad_request(f"overlap must be a number in [0, 1), got {overlap!r}")
     sw = params.get("sw_batch_size", manifest.sw_batch_size)

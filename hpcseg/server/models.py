@@ -212,13 +212,11 @@ class Model(ABC):
         """One tiny inference so the first request does not pay for lazy initialisation."""
         image = sitk.Image([24, 24, 24], sitk.sitkInt16)
         image.SetSpacing(self.manifest.spacing or [1.0, 1.0, 1.0])
-        arr = sitk.GetArrayViewFromImage(image)
         params: dict[str, Any] = {}
         if self.manifest.type == "deepgrow":
             params["foreground"] = [[12, 12, 12]]
         elif self.manifest.type == "dextr3d":
             params["points"] = [[6, 12, 12], [18, 12, 12], [12, 6, 12], [12, 18, 12], [12, 12, 6], [12, 12, 18]]
-        del arr
         self.infer(image, params)
 
     def info(self) -> dict:

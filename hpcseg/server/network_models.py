@@ -18,16 +18,20 @@ Manifest examples::
 
 from __future__ import annotations
 
+import copy
 import importlib
+import threading
+import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import SimpleITK as sitk
 import torch
 
 from hpcseg.errors import ModelLoadError
 from hpcseg.server.inference import segment
-from hpcseg.server.models import Model
+from hpcseg.server.models import Model, bad_request, resolve_device
 
 
 def is_torchscript(path: Path) -> bool:
@@ -81,13 +85,25 @@ class TorchModel(Model):
     def load(self, device: str) -> None:
         self.device = device
         self.net = self.build(device).to(device).eval()
+        self._copies: dict[str, torch.nn.Module] = {device: self.net}
+        self._lock = threading.Lock()
+
+    def net_on(self, device: str) -> torch.nn.Module:
+        """The network on ``device``: the loaded one, or a copy made on first use (``params["device"]``)."""
+        with self._lock:
+            if device not in self._copies:
+                try:
+                    self._copies[device] = copy.deepcopy(self.net).to(device).eval()
+                except (RuntimeError, AssertionError, ValueError) as exc:  # no such device, CUDA not compiled in
+                    raise bad_request(f"device {device!r} is not usable on this server: {exc}") from exc
+            return self._copies[device]
 
     def build(self, device: str) -> torch.nn.Module:  # pragma: no cover - abstract in spirit
         raise NotImplementedError
 
-    def predictor(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (1, C, ...) for a window; first element when a network returns a tuple (deep supervision)."""
-        out = self.net(x)
+    @staticmethod
+    def _logits(out: Any) -> torch.Tensor:
+        """The logits of a network's output: the first element of a tuple (deep supervision) or of a dict."""
         if isinstance(out, (tuple, list)):
             out = out[0]
         if isinstance(out, dict):
@@ -97,7 +113,10 @@ class TorchModel(Model):
     def infer(self, image: sitk.Image, params: dict) -> sitk.Image:
         wanted = self.wanted_labels(params)
         keep = None if len(wanted) == len(self.manifest.labels) else list(wanted.values())
-        return segment(image, self.predictor, self.manifest, params, device=self.device, wanted=keep)
+        device = resolve_device(params.get("device") or self.device)
+        net = self.net_on(device)
+        return segment(image, lambda x: self._logits(net(x)), self.manifest, {**params, "device": device},
+                       device=device, wanted=keep)
 
     def weights_path(self) -> Path:
         if not self.manifest.weights:
@@ -134,7 +153,9 @@ class TorchScriptModel(TorchModel):
     def build(self, device: str) -> torch.nn.Module:
         path = self.weights_path()
         try:
-            return torch.jit.load(str(path), map_location=device)
+            with warnings.catch_warnings():  # torch 2.9+ calls TorchScript deprecated; it still loads fine
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return torch.jit.load(str(path), map_location=device)
         except (RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0][:300]
             raise ModelLoadError(f"{path}: not a TorchScript model torch.jit.load can read: {first}") from exc

@@ -207,7 +207,8 @@ def test_label_subsets_and_bad_params(tmp_path):
     folder = _write(tmp_path / "ts", {**BASE, "weights": "net.ts"})
     torch.jit.script(Above()).save(str(folder / "net.ts"))
     ts = load_model(folder)
-    for bad in ({"roi_size": [0, 1, 2]}, {"overlap": 1.5}, {"sw_batch_size": 0}):
+    assert imaging.same_geometry(ts.infer(image, {"device": "cpu"}), image)
+    for bad in ({"roi_size": [0, 1, 2]}, {"overlap": 1.5}, {"sw_batch_size": 0}, {"device": "nosuchdevice"}):
         with pytest.raises(ServerError) as exc:
             ts.infer(image, bad)
         assert exc.value.status == 400

@@ -5,7 +5,8 @@ of 256×256×160 int16 + uint8 labels, ``hpcseg.phantoms.make_phantom``, σ 20 H
 have them (.nii.gz from SimpleITK's default writer; also uncompressed .nii for a second baseline), for each link
 setting (fast; 100 Mbit/s tbf on both ends of the client<->login link):
 
-- hpcseg: ``DatasetUploader(shell, root).upload(image, mask, dataset=...)`` for every pair, into a fresh dataset
+- hpcseg: ``DatasetUploader(shell, root).upload_many(pairs, dataset=...)`` (what ``hpcseg upload`` does: the next
+  pair is prepared while one is sent), and ``upload(image, mask, ...)`` pair by pair, each into a fresh dataset
   (validation, anonymised .nii.gz rewrite, sha256, scp to ``.incoming/``, remote hash check and commit under flock),
   over one SSH connection opened before the clock starts;
 - baseline: one OpenSSH ``scp`` command copying the same pairs' .nii.gz files (and then their .nii files) to a
@@ -126,23 +127,33 @@ def main() -> None:
             scp_nii = guard.run(lambda a, d=dest: timed_scp(a, plain, d + "-nii"), "scp of the .nii files")
             print(f"  OpenSSH scp .nii:    {scp_nii:.2f} s", flush=True)
 
-            def hpcseg_upload(attempt: int, mode: str = mode) -> tuple[float, list, str]:
-                dataset = f"bench-{mode}-{attempt}"  # a fresh dataset each try: nothing is skipped
+            def hpcseg_upload(attempt: int, mode: str = mode, kind: str = "seq") -> tuple[float, list, str]:
+                dataset = f"bench-{mode}-{kind}-{attempt}"  # a fresh dataset each try: nothing is skipped
                 t = time.perf_counter()
-                results = [uploader.upload(img, lbl, dataset=dataset, labels=LABELS) for img, lbl in pairs]
+                if kind == "seq":
+                    results = [uploader.upload(img, lbl, dataset=dataset, labels=LABELS) for img, lbl in pairs]
+                else:
+                    results = [r for _i, _m, r in uploader.upload_many(
+                        [(img, lbl, LABELS) for img, lbl in pairs], dataset=dataset)]
+                    bad = [r for r in results if isinstance(r, Exception)]
+                    if bad:
+                        raise bad[0]
                 return time.perf_counter() - t, results, dataset
 
-            up_s, results, dataset = guard.run(hpcseg_upload, "the hpcseg upload")
+            seq_s, _results, _ds = guard.run(hpcseg_upload, "the hpcseg upload, pair by pair")
+            print(f"  hpcseg upload() pair by pair: {seq_s:.2f} s", flush=True)
+            up_s, results, dataset = guard.run(lambda a: hpcseg_upload(a, kind="many"), "the pipelined upload")
             redone += guard.redone
             sent = sum(r.bytes_sent for r in results)
             raw = sum(r.raw_bytes for r in results)
             statuses = sorted({r.status for r in results})
-            print(f"  hpcseg upload:       {up_s:.2f} s ({', '.join(statuses)}; {sent / 1e6:.1f} MB sent of "
+            print(f"  hpcseg upload_many (`hpcseg upload`): {up_s:.2f} s ({', '.join(statuses)}; "
+                  f"{sent / 1e6:.1f} MB sent of "
                   f"{raw / 1e6:.1f} MB raw)", flush=True)
             manifest = uploader.manifest(dataset)
             n_cases = len(manifest["training"]) + len(manifest["validation"])
             rows.append({"link": name, "scp_gz": scp_gz, "scp_nii": scp_nii, "up": up_s, "sent": sent, "raw": raw,
-                         "cases": n_cases})
+                         "cases": n_cases, "seq": seq_s})
     finally:
         try:
             link(cluster, False)
@@ -158,14 +169,18 @@ def main() -> None:
     print(f"\n{args.pairs} pairs {'×'.join(map(str, args.size))}: raw {rows[0]['raw'] / 1e6:.1f} MB, user's .nii.gz "
           f"{gz_bytes / 1e6:.1f} MB, .nii {nii_bytes / 1e6:.1f} MB; hpcseg sends {rows[0]['sent'] / 1e6:.1f} MB "
           f"(sent/raw {rows[0]['sent'] / rows[0]['raw']:.3f}); local prepare alone {prep_s:.2f} s")
-    cols = ["link", "hpcseg s", "raw MB/s", "wire MB/s", "scp gz s", "scp nii s", "/scp gz", "/scp nii", "cases"]
+    cols = ["link", "seq s", "hpcseg s", "raw MB/s", "wire MB/s", "scp gz s", "scp nii s", "/scp gz", "/scp nii",
+            "cases"]
     print(f"{cols[0]:>14} " + " ".join(f"{c:>9}" for c in cols[1:]))
     for r in rows:
-        vals = [f"{r['up']:.2f}", f"{r['raw'] / r['up'] / 1e6:.1f}", f"{r['sent'] / r['up'] / 1e6:.1f}",
+        vals = [f"{r['seq']:.2f}", f"{r['up']:.2f}", f"{r['raw'] / r['up'] / 1e6:.1f}",
+                f"{r['sent'] / r['up'] / 1e6:.1f}",
                 f"{r['scp_gz']:.2f}", f"{r['scp_nii']:.2f}", f"{r['up'] / r['scp_gz']:.2f}",
                 f"{r['up'] / r['scp_nii']:.2f}", str(r["cases"])]
         print(f"{r['link']:>14} " + " ".join(f"{v:>9}" for v in vals))
-    print("\n/scp gz, /scp nii: hpcseg upload time ÷ OpenSSH scp time of the user's .nii.gz / .nii files "
+    print("\nseq s: upload() pair by pair; hpcseg s: upload_many, the next pair prepared while one is sent "
+          "(what `hpcseg upload` does)")
+    print("/scp gz, /scp nii: hpcseg upload time ÷ OpenSSH scp time of the user's .nii.gz / .nii files "
           "(over 1: slower than scp)")
 
 

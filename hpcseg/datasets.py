@@ -30,10 +30,12 @@ import json
 import os
 import posixpath
 import shlex
+import shutil
 import socket
 import tempfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -274,46 +276,85 @@ class DatasetUploader:
             # Everything but the labels is checked first, so one call to the cluster tells both the dataset's
             # labels and whether this very pair (or part of it) is already there.
             pair = prepare_pair(image, mask, None, Path(tmp))
-            st = self._remote(dataset, "status", case=pair.case_id)
-            if not st["exists"]:
-                if not labels:
-                    raise DatasetError(f"dataset {dataset!r} does not exist yet: say which labels it has",
-                                       hint="e.g. --labels body=1,lungs=2,bone=3")
-                known = labels
-            else:
-                known = {name: int(v) for v, name in st["labels"].items() if int(v) != 0}
-                if labels and any(known.get(k) != v for k, v in labels.items()):
-                    raise DatasetError(f"labels {labels} differ from dataset {dataset!r}'s {known}")
-            check_labels(pair.labels_present, known, mask)
-            case = st.get("case")
-            if case and case["image_sha256"] == pair.image_sha256 and case["label_sha256"] == pair.label_sha256:
-                return UploadResult(pair.case_id, "skipped", case["split"], 0, pair.raw_bytes)
-            chosen = split if split != "auto" else ("val" if int(pair.image_sha256[:8], 16) % 5 == 0 else "train")
-            d = self._dir(dataset)
-            sent = done = 0
-            total = pair.image_file.stat().st_size + pair.label_file.stat().st_size
-            for kind, f, digest in (("image", pair.image_file, pair.image_sha256),
-                                    ("label", pair.label_file, pair.label_sha256)):
-                name = f"{pair.case_id}_{kind}.nii.gz"
-                size = f.stat().st_size
-                if st["incoming"].get(name) != digest:  # else an earlier run sent it already: resume
-                    base = done
-                    kw = {"progress": (lambda n, _t, b=base: progress(b + n, total))} if progress else {}
-                    self.shell.put(f, posixpath.join(d, ".incoming", name), **kw)
-                    sent += size
-                done += size
-                if progress:
-                    progress(done, total)
-            prov = {"image_sha256": pair.image_sha256, "label_sha256": pair.label_sha256, "split": chosen,
-                    "uploaded_by": f"{getpass.getuser()}@{socket.gethostname()}",
-                    "uploaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "model_version": model_version, "labels_present": pair.labels_present}
-            out = self._remote(dataset, "commit", case=pair.case_id, provenance=prov, modality=modality,
-                               labels={"0": "background", **{str(v): k for k, v in known.items()}})
-            if out["status"] == "corrupt":
-                raise DatasetError(f"the copy of {out['file']} on the cluster does not match its hash; "
-                                   "nothing was added", hint="run the same upload again", retryable=True)
-            return UploadResult(pair.case_id, out["status"], out["split"], sent, pair.raw_bytes)
+            return self._send(pair, mask, dataset=dataset, labels=labels, split=split,
+                              model_version=model_version, modality=modality, progress=progress)
+
+    def upload_many(self, items: Iterable[tuple[str | os.PathLike, str | os.PathLike, dict[str, int] | None]], *,
+                    dataset: str, split: str = "auto", model_version: str | None = None, modality: str = "CT",
+                    progress_for: Callable[[str | os.PathLike], Callable[[int, int], None] | None] | None = None,
+                    ) -> Iterator[tuple[Any, Any, UploadResult | DatasetError]]:
+        """Upload (image, mask, labels) pairs in order, preparing the next pair while this one is sent.
+
+        Yields (image, mask, result) where result is an UploadResult or the DatasetError that refused that pair;
+        each pair has the same guarantees as `upload`. Preparing (read, check, compress, hash) is local CPU work
+        and sending is network work, so on a slow link the one hides the other.
+        """
+        if split not in ("train", "val", "auto"):
+            raise DatasetError(f"split {split!r} is not allowed: train, val or auto")
+        todo = list(items)
+        with tempfile.TemporaryDirectory(prefix="hpcseg-upload-") as tmp, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpcseg-prepare") as pool:
+            def prep(i: int) -> PreparedPair:
+                return prepare_pair(todo[i][0], todo[i][1], None, Path(tmp) / str(i))
+
+            ahead: Future | None = pool.submit(prep, 0) if todo else None
+            for i, (image, mask, labels) in enumerate(todo):
+                current, ahead = ahead, (pool.submit(prep, i + 1) if i + 1 < len(todo) else None)
+                try:
+                    result: UploadResult | DatasetError = self._send(
+                        current.result(), mask, dataset=dataset, labels=labels, split=split,
+                        model_version=model_version, modality=modality,
+                        progress=progress_for(image) if progress_for else None)
+                except DatasetError as exc:
+                    result = exc
+                finally:
+                    shutil.rmtree(Path(tmp) / str(i), ignore_errors=True)
+                yield image, mask, result
+
+    def _send(self, pair: PreparedPair, mask: str | os.PathLike, *, dataset: str, labels: dict[str, int] | None,
+              split: str, model_version: str | None, modality: str,
+              progress: Callable[[int, int], None] | None) -> UploadResult:
+        """Check the prepared pair's labels against the dataset, then send and commit it (one status call)."""
+        st = self._remote(dataset, "status", case=pair.case_id)
+        if not st["exists"]:
+            if not labels:
+                raise DatasetError(f"dataset {dataset!r} does not exist yet: say which labels it has",
+                                   hint="e.g. --labels body=1,lungs=2,bone=3")
+            known = labels
+        else:
+            known = {name: int(v) for v, name in st["labels"].items() if int(v) != 0}
+            if labels and any(known.get(k) != v for k, v in labels.items()):
+                raise DatasetError(f"labels {labels} differ from dataset {dataset!r}'s {known}")
+        check_labels(pair.labels_present, known, mask)
+        case = st.get("case")
+        if case and case["image_sha256"] == pair.image_sha256 and case["label_sha256"] == pair.label_sha256:
+            return UploadResult(pair.case_id, "skipped", case["split"], 0, pair.raw_bytes)
+        chosen = split if split != "auto" else ("val" if int(pair.image_sha256[:8], 16) % 5 == 0 else "train")
+        d = self._dir(dataset)
+        sent = done = 0
+        total = pair.image_file.stat().st_size + pair.label_file.stat().st_size
+        for kind, f, digest in (("image", pair.image_file, pair.image_sha256),
+                                ("label", pair.label_file, pair.label_sha256)):
+            name = f"{pair.case_id}_{kind}.nii.gz"
+            size = f.stat().st_size
+            if st["incoming"].get(name) != digest:  # else an earlier run sent it already: resume
+                base = done
+                kw = {"progress": (lambda n, _t, b=base: progress(b + n, total))} if progress else {}
+                self.shell.put(f, posixpath.join(d, ".incoming", name), **kw)
+                sent += size
+            done += size
+            if progress:
+                progress(done, total)
+        prov = {"image_sha256": pair.image_sha256, "label_sha256": pair.label_sha256, "split": chosen,
+                "uploaded_by": f"{getpass.getuser()}@{socket.gethostname()}",
+                "uploaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "model_version": model_version, "labels_present": pair.labels_present}
+        out = self._remote(dataset, "commit", case=pair.case_id, provenance=prov, modality=modality,
+                           labels={"0": "background", **{str(v): k for k, v in known.items()}})
+        if out["status"] == "corrupt":
+            raise DatasetError(f"the copy of {out['file']} on the cluster does not match its hash; "
+                               "nothing was added", hint="run the same upload again", retryable=True)
+        return UploadResult(pair.case_id, out["status"], out["split"], sent, pair.raw_bytes)
 
     def manifest(self, dataset: str) -> dict:
         text = self.shell.read_text(posixpath.join(self._dir(dataset), "dataset.json"))

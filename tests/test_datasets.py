@@ -89,6 +89,25 @@ def test_bad_pairs_refused_before_sending(up, tmp_path, problem):
     assert not (Path(up.root) / "phantoms").exists()  # nothing was sent, not even a folder made
 
 
+def test_upload_many_refuses_only_the_bad_pair(up, tmp_path):
+    """upload_many prepares the next pair while one is sent; a refused pair in the middle sends nothing."""
+    good1, bad, good2 = make_pair(tmp_path, 5), make_pair(tmp_path, 6), make_pair(tmp_path, 7)
+    m = sitk.ReadImage(str(bad[1]))
+    m.SetSpacing((1.0, 1.0, 1.0))
+    sitk.WriteImage(m, str(bad[1]))
+    seen = []
+    out = list(up.upload_many([(*good1, LABELS), (*bad, None), (*good2, None)], dataset="phantoms",
+                              progress_for=lambda image: (lambda d, t, i=image: seen.append((i, d, t)))))
+    assert [(i, mk) for i, mk, _ in out] == [good1, bad, good2]  # in order
+    assert out[0][2].status == "uploaded" and out[2][2].status == "uploaded"
+    assert isinstance(out[1][2], DatasetError) and "spacing differs" in out[1][2].message
+    man = up.manifest("phantoms")
+    assert sorted(e["image"] for e in man["training"] + man["validation"]) == sorted(
+        f"./imagesTr/{r.case_id}.nii.gz" for r in (out[0][2], out[2][2]))
+    assert not list((Path(up.root) / "phantoms" / ".incoming").iterdir())
+    assert {i for i, d, t in seen if d == t} == {good1[0], good2[0]}  # progress reached the end for each sent pair
+
+
 def test_parallel_uploaders_lose_nothing(up, tmp_path):
     pairs = [make_pair(tmp_path, s) for s in range(20)]
     up.upload(*pairs[0], dataset="par", labels=LABELS)

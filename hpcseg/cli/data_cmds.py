@@ -56,15 +56,18 @@ def upload(ctx: Ctx, pairs: tuple[Path, ...], dataset: str, labels: str | None, 
     up = _uploader(ctx)
     lbl = _labels(labels)
     results, failed = [], 0
+    items = []
     for image, mask in zip(pairs[::2], pairs[1::2], strict=True):
         pair_labels = lbl
         sidecar = Path(str(mask).removesuffix(".gz").removesuffix(".nii").removesuffix(".nrrd") + ".labels.json")
         if pair_labels is None and sidecar.exists():
             pair_labels = {k: int(v) for k, v in json.loads(sidecar.read_text(encoding="utf-8")).items()}
-        try:
-            r = up.upload(image, mask, dataset=dataset, labels=pair_labels, split=split,
-                          model_version=model_version, progress=_bar(f"{image.name}", as_json))
-        except DatasetError as exc:
+        items.append((image, mask, pair_labels))
+    # The next pair is read, checked and compressed while this one is on the wire.
+    for image, mask, r in up.upload_many(items, dataset=dataset, split=split, model_version=model_version,
+                                         progress_for=lambda image: _bar(f"{image.name}", as_json)):
+        if isinstance(r, DatasetError):
+            exc = r
             failed += 1
             results.append({"image": str(image), "mask": str(mask), "status": "refused", "error": exc.message,
                             "hint": exc.hint})

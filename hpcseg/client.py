@@ -204,9 +204,11 @@ class ServerClient:
         """Segment a whole image; returns ``(mask, label_names, model_version)`` (an :class:`InferResult`).
 
         ``labels`` restricts the structures; ``fast`` trades accuracy for speed. ``progress(phase, done, total)``
-        with phase ``upload``/``download`` (or the two per-phase callbacks) follows the bytes.
+        with phase ``upload``/``download`` (or the two per-phase callbacks) follows the bytes. A 2D, 4D, RGB or
+        single-slice image raises :class:`~hpcseg.errors.ImageError` before anything is sent; NaN voxels are sent
+        as the image's lowest value (and said so in ``.warnings``, with the server's QA warnings).
         """
-        img = image if isinstance(image, sitk.Image) else imaging.read_image(image)
+        img, notes = _prepare(image)
         p: dict[str, Any] = {"fast": bool(fast)}
         if labels:
             p["label_names"] = list(labels)
@@ -214,12 +216,15 @@ class ServerClient:
         ctype = self._codec()
         data = imaging.encode(img, ctype)
         up, down = _phases(progress, upload_progress, download_progress)
-        return self._infer(model, p, file=(data, ctype), reference=img, upload_progress=up,
-                           download_progress=down)
+        result = self._infer(model, p, file=(data, ctype), reference=img, upload_progress=up,
+                             download_progress=down)
+        if notes:
+            result.params["warnings"] = notes + [w for w in result.warnings if w not in notes]
+        return result
 
     def create_session(self, image: sitk.Image | str | Path, *, progress: Progress | None = None) -> str:
         """Upload an image once; later :meth:`click`/:meth:`extreme_points` send only points. Returns its id."""
-        img = image if isinstance(image, sitk.Image) else imaging.read_image(image)
+        img, _ = _prepare(image)
         ctype = self._codec()
         chunks, content_type = _multipart({}, [("files", "image" + _suffix(ctype), ctype, imaging.encode(img, ctype))])
         resp = self._request("PUT", "/session/", data=_Body(chunks, progress), headers={"Content-Type": content_type},
@@ -336,6 +341,17 @@ class ServerClient:
             finally:
                 resp.close()
         return resp
+
+
+def _prepare(image: sitk.Image | str | Path) -> tuple[sitk.Image, list[str]]:
+    """The image to send: read if a path, checked to be a 3D single-channel volume (ImageError before any upload
+    otherwise), NaN/inf voxels replaced by its lowest value; and warnings about what was changed."""
+    name = "the image" if isinstance(image, sitk.Image) else image
+    img = image if isinstance(image, sitk.Image) else imaging.read_image(image)
+    img = imaging.as_volume(img, name)
+    img, bad = imaging.finite_voxels(img)
+    notes = [f"{bad} voxels were not numbers (NaN or infinite): sent as the image's lowest value"] if bad else []
+    return img, notes
 
 
 def _phases(progress: Callable[[str, int, int], None] | None, up: Progress | None,

@@ -223,8 +223,10 @@ if op == "commit":
     cases[c] = prov
     save(m)
     now = time.time()
-    for p in glob.glob(os.path.join(d, ".incoming", ".*.part")):
-        if now - os.path.getmtime(p) > 86400: os.remove(p)
+    for p in glob.glob(os.path.join(d, ".incoming", ".*.part")):  # another uploader may rename its own meanwhile
+        try:
+            if now - os.path.getmtime(p) > 86400: os.remove(p)
+        except OSError: pass
     print(json.dumps({"status": "uploaded", "split": prov["split"]}))
 '''
 

@@ -50,9 +50,10 @@ def _bar(label: str, quiet: bool):
 
 
 @main.command()
-@click.argument("image", type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Mask file: .nii.gz, .nrrd, .seg.nrrd (label names kept) or .mha.")
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Mask file: .seg.nrrd (3D Slicer, label names inside), .nii.gz, .nii, .nrrd, .mha or .mhd "
+                   "(label names in a .labels.json next to it); in the input's exact geometry.")
 @click.option("--model", "-m", default=None, help="Model to run (default: the server's first segmentation model).")
 @click.option("--labels", default=None, metavar="A,B", help="Only these structures, e.g. liver,spleen.")
 @click.option("--fast", is_flag=True, help="Coarser spacing: quicker, rougher.")
@@ -74,20 +75,33 @@ def segment(ctx: Ctx, image: Path, output: Path, model: str | None, labels: str 
     from .. import imaging
     from ..serverjobs import ServerConnection
 
-    img = imaging.read_image(image)
+    # Everything that can be refused is refused here, before a server starts or an image is sent.
+    imaging.check_output_path(output, source=image)
+    img = imaging.as_volume(imaging.read_image(image), image)
+    shown: list[str] = []
+
+    def warn(text: str) -> None:
+        if text not in shown:
+            shown.append(text)
+            click.secho(f"warning: {text}", fg="yellow", err=True)
+
     for warning in imaging.check_input(img, {}):
-        click.secho(f"warning: {warning}", fg="yellow", err=True)
+        warn(warning)
     wanted = [s.strip() for s in labels.split(",") if s.strip()] if labels else None
     with ServerConnection(ctx.profile, start=not no_start, timeout=timeout,
                           progress=_progress_line(as_json)) as conn:
         if model is None:
             model = conn.client.default_model()
-        mask, names, version = conn.client.segment(img, model=model, labels=wanted, fast=fast,
-                                                   upload_progress=_bar("upload", as_json),
-                                                   download_progress=_bar("download", as_json))
+        res = conn.client.segment(img, model=model, labels=wanted, fast=fast,
+                                  upload_progress=_bar("upload", as_json),
+                                  download_progress=_bar("download", as_json))
+    for warning in res.warnings:  # the model's own checks (e.g. "not CT-like") and what the client changed
+        warn(warning)
+    mask, names, version = res
     imaging.write_mask(mask, output, names, reference=img)
     result = {"output": str(output), "model": model, "model_version": version, "labels": names,
-              "job_id": conn.record.job_id if conn.record else None, "profile": ctx.profile.name}
+              "job_id": conn.record.job_id if conn.record else None, "profile": ctx.profile.name,
+              "warnings": shown}
     if as_json:
         emit_json(result)
     else:

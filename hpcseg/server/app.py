@@ -12,7 +12,20 @@ Routes (every one needs the job's token, see :mod:`hpcseg.server.auth`, except `
 ``GET|DELETE /session/{id}``       read (counters, geometry) or drop a session; unknown 404, expired 410
 ``POST /infer/{model}``            MONAI Label's infer: multipart ``params`` (JSON) + ``file`` or ``?session_id=``
 ``POST /reload``, ``/models/reload``  re-read the models directories (new fine-tuned versions) without a restart
+``GET /datastore/``                MONAI Label's datastore listing: always empty (no datastore here; ``output=``
+                                   ``stats`` (default), ``all`` or ``ids``)
+``PUT /datastore/``, ``/datastore/label``  501 with the way to do it: ``hpcseg upload`` (a dataset on the cluster)
+``GET|DELETE /train/``, ``POST /train/[{model}]``  404 "no training task here" / 501: ``hpcseg train`` (a batch job)
+``POST /activelearning/{strategy}``  404: no strategies (``/info/`` lists none)
 =================================  ================================================================================
+
+What MONAI Label's 3D Slicer plugin (0.8.x) sends, in order, and what of the answers it reads, is replayed by
+``tests/server/test_slicer_monailabel_flow.py``: per call ``GET /auth/`` then ``POST /auth/token`` (first call) or
+``GET /auth/token/valid``; ``GET /info/``; ``GET /train/?check_if_running=true`` after every action (a 404 reads as
+"not training"); ``PUT /session/`` (the local volume, once); ``GET /session/{id}`` before each inference;
+``POST /infer/{model}?image=<volume name>&session_id=<id>`` with ``params`` (the model's ``config`` from ``/info/``,
+``result_extension: ".nrrd"``, ``result_dtype: "uint8"``, ``client_id``; clicks add ``label``, ``foreground``,
+``background``). With the path-token address ``GET /auth/`` answers ``enabled: false``, so it never asks to log in.
 
 Inference code knows nothing of HTTP: this module decodes, calls ``Model.infer`` in a worker thread (``workers``
 at a time: one GPU), checks the mask is in the input's geometry, and encodes. Wire formats live in
@@ -95,8 +108,10 @@ def _add_routes(app: FastAPI, rt: Runtime) -> None:
 
     # --- MONAI Label's auth handshake ------------------------------------------------------------------------
     @app.get("/auth/", summary="Is auth enabled? (open: MONAI Label's clients ask before they have a token)")
-    async def auth_enabled() -> dict[str, Any]:
-        return {"enabled": True, "client_id": "hpcseg", "realm": None}
+    async def auth_enabled(request: Request) -> dict[str, Any]:
+        # An address with the path token already carries the credential: "enabled" would make MONAI Label's Slicer
+        # plugin ask for a user name and password before every request.
+        return {"enabled": not request.scope.get("hpcseg.path_token", False), "client_id": "hpcseg", "realm": None}
 
     @app.post("/auth/token", summary="OAuth2 password form: any username, the job's token as password")
     async def auth_token(password: str = Form(""), username: str = Form(""), grant_type: str = Form("password")):
@@ -123,7 +138,7 @@ def _add_routes(app: FastAPI, rt: Runtime) -> None:
 
     @app.get("/info/", summary="MONAI Label's app info, plus failed/loading models and hpcseg's extras")
     async def info() -> dict[str, Any]:
-        return rt.info()
+        return _info(rt)
 
     @app.post("/reload", summary="Re-read the models directories; load new or changed versions")
     @app.post("/models/reload", include_in_schema=False)
@@ -131,7 +146,43 @@ def _add_routes(app: FastAPI, rt: Runtime) -> None:
         thread = registry.reload(background=True)
         if wait:
             await _run_blocking(rt, thread.join, gpu=False)
-        return JSONResponse(rt.info(), status_code=200 if wait else 202)
+        return JSONResponse(_info(rt), status_code=200 if wait else 202)
+
+    # --- MONAI Label's datastore, training and active learning: not here, said clearly ---------------------------
+    @app.get("/datastore/", summary="MONAI Label's datastore listing: always empty (this server keeps no datastore)")
+    async def datastore(output: str = "stats") -> Any:
+        if output == "all":
+            return {"name": settings.name, "description": _NO_DATASTORE, "objects": {}}
+        if output == "ids":
+            return []
+        return {"total": 0, "completed": 0, "label_tags": {}, "train": 0}
+
+    @app.put("/datastore/", summary="Not here: images go to a dataset on the cluster with `hpcseg upload`")
+    @app.put("/datastore/label", summary="Not here: corrected masks go to a dataset with `hpcseg upload`")
+    async def datastore_put() -> None:
+        raise HTTPException(501, f"{_NO_DATASTORE}: save the image and the corrected mask (in Slicer: Save) and "
+                                 "run `hpcseg upload IMAGE MASK --dataset NAME`")
+
+    @app.get("/datastore/image", summary="Not here: the server keeps no datastore")
+    @app.get("/datastore/label", summary="Not here: the server keeps no datastore")
+    async def datastore_get() -> None:
+        raise HTTPException(404, f"{_NO_DATASTORE}: send the image with each request or in a session")
+
+    @app.get("/train/", summary="No training task runs in this server (MONAI Label: 404 = none running)")
+    @app.delete("/train/", summary="No training task runs in this server")
+    async def train_status() -> None:
+        raise HTTPException(404, "no training task runs in this server: fine-tune with `hpcseg train` (a batch job)")
+
+    @app.post("/train/", summary="Not here: fine-tune with `hpcseg train` (a batch job)")
+    @app.post("/train/{model}", summary="Not here: fine-tune with `hpcseg train` (a batch job)")
+    async def train_start() -> None:
+        raise HTTPException(501, "this server does not train: fine-tune with `hpcseg train --model NAME "
+                                 "--dataset NAME` (a batch job); the next server job serves the new version")
+
+    @app.post("/activelearning/{strategy}", summary="No active-learning strategies (the server keeps no datastore)")
+    async def next_sample(strategy: str) -> None:
+        raise HTTPException(404, f"no active-learning strategy {strategy!r} here ({_NO_DATASTORE}): "
+                                 "load your own image")
 
     # --- sessions -----------------------------------------------------------------------------------------------
     @app.put("/session/", summary="Upload an image once; later prompts name the session instead")
@@ -196,7 +247,10 @@ def _add_routes(app: FastAPI, rt: Runtime) -> None:
         t0 = time.monotonic()
         mask = await _run_blocking(rt, mdl.infer, img, dict(p), gpu=True)
         t1 = time.monotonic()
-        mask = wire.conform_mask(mask, img, model, p.get("result_dtype"))
+        mask = wire.conform_mask(mask, img, model)
+        if wire.monai_label_indices(p):  # MONAI Label's label values: its Slicer plugin maps them by position
+            mask, names = wire.compact_labels(mask, names)
+        mask = wire.cast_mask(mask, p.get("result_dtype"))
         result = {
             "label_names": names, "model": model, "model_version": version,
             "latencies": {"infer": round(t1 - t0, 3)}, "request_bytes": nbytes, "warnings": warnings,
@@ -236,6 +290,17 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def model_output_error(request: Request, exc: wire.ModelOutputError) -> JSONResponse:
         log.error("%s", exc)
         return JSONResponse({"detail": str(exc)}, status_code=500)
+
+
+_NO_DATASTORE = "this server keeps no datastore"
+
+
+def _info(rt: Runtime) -> dict[str, Any]:
+    """``/info/``: the runtime's, with each model's ``config`` cut to what MONAI Label's clients can send back."""
+    body = rt.info()
+    for m in body.get("models", {}).values():
+        m["config"] = wire.infer_config(m.get("config"), fast=m.get("type") == "segmentation")
+    return body
 
 
 def _params(params: str) -> dict[str, Any]:

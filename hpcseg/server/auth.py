@@ -8,10 +8,13 @@ forget: ``/docs``, ``/openapi.json``, unknown paths and future routes alike answ
 Two ways to present it:
 
 - ``Authorization: Bearer <token>`` (the hpcseg client; MONAI Label's ``MONAILabelClient`` after
-  ``update_auth(auth_token(user, token))``; the scheme word is case-insensitive, as RFC 7235 says).
-- a path prefix ``/token/<token>/...`` for clients that cannot add a header, such as MONAI Label's Slicer plugin:
-  give it ``http://127.0.0.1:PORT/token/<token>`` as the server address; every path it builds keeps the prefix.
-  The prefix becomes the ASGI ``root_path``, so ``/docs`` works in a browser too, and the logged path never has it.
+  ``update_auth(auth_token(user, token))``, as its Slicer plugin does after its login dialog, user name anything,
+  password the token; the scheme word is case-insensitive, as RFC 7235 says, and that plugin sends ``bearer``).
+- a path prefix ``/token/<token>/...`` for clients that cannot add a header or log in (older MONAI Label Slicer
+  plugins, a browser): give ``http://127.0.0.1:PORT/token/<token>`` as the server address; every path it builds
+  keeps the prefix. The prefix becomes the ASGI ``root_path``, so ``/docs`` works in a browser too, and the logged
+  path never has it. ``GET /auth/`` under the prefix answers ``enabled: false``, so MONAI Label's Slicer plugin
+  does not ask for a login it does not need.
 
 Open without a token, because MONAI Label's clients call them before they have one, and they reveal nothing:
 ``GET /auth/`` (a constant: auth is enabled) and ``POST /auth/token`` (the OAuth2 password form: any username,
@@ -113,6 +116,7 @@ class TokenAuthMiddleware:
             scope["root_path"] = scope.get("root_path", "") + PATH_PREFIX + path_token
             scope["hpcseg.route_path"] = route_path
             scope["hpcseg.authenticated"] = True
+            scope["hpcseg.path_token"] = True  # GET /auth/ then says "not enabled": the address is the credential
             await self.app(scope, receive, send)
             return
         scope["hpcseg.route_path"] = route_path

@@ -8,6 +8,15 @@ module only names them for HTTP and picks one per request:
   parts (or ``uncompress=true`` with an archive) are read as one DICOM series.
 - answer: ``Accept`` naming hpcseg's codec wins (the hpcseg client), then MONAI Label's ``result_extension``
   param (its Slicer plugin asks for ``.nrrd``), else gzip-1 NIfTI, which every MONAI Label client reads.
+- label values: the model's own (``label_names`` says which is which), except for MONAI Label-style requests
+  (``restore_label_idx: false``, or ``result_extension`` without ``restore_label_idx: true``): there the k-th label
+  by value is k, as MONAI Label answers by default. Its Slicer plugin needs that: it imports the mask with
+  ``ImportLabelmapToSegmentationNode(labelmap, segmentation, names)``, which gives value ``i + 1`` to the i-th name
+  of ``label_names`` sorted by value, whatever the values are.
+- ``result_dtype`` is honoured only when the type holds every label value (uint8 asked with labels past 255 keeps
+  uint16 rather than wrapping around).
+- model ``config`` in ``/info/``: MONAI Label's clients offer it as options and send it back as infer ``params``
+  (the Slicer plugin sends the first item of a list); :func:`infer_config` keeps what they can.
 """
 
 from __future__ import annotations
@@ -43,6 +52,9 @@ FORMATS: dict[str, tuple[str, str]] = {
 _READABLE = (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm", ZSTD_SUFFIX)
 _DTYPES = {"uint8": sitk.sitkUInt8, "uint16": sitk.sitkUInt16, "int16": sitk.sitkInt16,
            "int32": sitk.sitkInt32, "uint32": sitk.sitkUInt32}
+#: the largest value each integer type of :data:`_DTYPES` holds, and the smallest
+_RANGES = {sitk.sitkUInt8: (0, 255), sitk.sitkUInt16: (0, 65535), sitk.sitkInt16: (-32768, 32767),
+           sitk.sitkInt32: (-(2**31), 2**31 - 1), sitk.sitkUInt32: (0, 2**32 - 1)}
 
 
 class ModelOutputError(RuntimeError):
@@ -79,15 +91,16 @@ def decode_one(filename: str, content_type: str, data: bytes) -> sitk.Image:
     if ctype == ZSTD or data[:4] == b"HSV1" or _suffix(filename) == ZSTD_SUFFIX:
         return imaging.decode(data, ZSTD)
     suffix = _suffix(filename) or _suffix_from_magic(data)
-    if suffix == ".nii.gz" and data[:2] == b"\x1f\x8b":
-        return imaging.decode(data, NIFTI_GZ)
-    with tempfile.TemporaryDirectory(prefix="hpcseg-upload-") as tmp:
-        path = Path(tmp) / f"image{suffix}"
-        path.write_bytes(data)
-        try:
+    try:
+        if suffix == ".nii.gz" and data[:2] == b"\x1f\x8b":
+            return imaging.decode(data, NIFTI_GZ)
+        with tempfile.TemporaryDirectory(prefix="hpcseg-upload-") as tmp:
+            path = Path(tmp) / f"image{suffix}"
+            path.write_bytes(data)
             return imaging.read_image(path)
-        except ImageError as exc:
-            raise ImageError(f"cannot read the uploaded image {filename!r} as {suffix}: {exc.message}") from exc
+    except ImageError as exc:
+        raise ImageError(f"cannot read the uploaded image {filename!r} as {suffix}: {exc.message}",
+                         hint=exc.hint) from exc
 
 
 def _read_series(folder: Path) -> sitk.Image:
@@ -125,7 +138,10 @@ def negotiate(accept: str, result_extension: Any = None) -> str:
 
 
 def conform_mask(mask: Any, image: sitk.Image, model: str, dtype: Any = None) -> sitk.Image:
-    """The mask on exactly the input's grid (size checked, geometry copied) as an integer label map."""
+    """The mask on exactly the input's grid (size checked, geometry copied) as an integer label map.
+
+    ``dtype`` (MONAI Label's ``result_dtype``) as in :func:`cast_mask`.
+    """
     if isinstance(mask, np.ndarray):
         arr = mask
         mask = sitk.GetImageFromArray(arr)
@@ -135,13 +151,76 @@ def conform_mask(mask: Any, image: sitk.Image, model: str, dtype: Any = None) ->
         raise ModelOutputError(f"model {model} returned a mask of size {mask.GetSize()} for an image of size "
                                f"{image.GetSize()}")
     mask.CopyInformation(image)
-    want = _DTYPES.get(str(dtype).lower()) if dtype else None
-    if want is None and mask.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+    if mask.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         top = float(sitk.GetArrayViewFromImage(mask).max()) if mask.GetNumberOfPixels() else 0.0
-        want = sitk.sitkUInt8 if top < 256 else sitk.sitkUInt16
-    if want is not None and mask.GetPixelID() != want:
-        mask = sitk.Cast(mask, want)
-    return mask
+        mask = sitk.Cast(mask, sitk.sitkUInt8 if top < 256 else sitk.sitkUInt16)
+    return cast_mask(mask, dtype)
+
+
+def cast_mask(mask: sitk.Image, dtype: Any = None) -> sitk.Image:
+    """``mask`` as the integer type ``dtype`` names (MONAI Label's ``result_dtype``) when that type holds its values.
+
+    An unknown name, or a type too small for the mask's values, leaves the mask as it is: a wrapped-around label
+    would be a wrong answer, a wider type is one every reader takes.
+    """
+    want = _DTYPES.get(str(dtype).lower()) if dtype else None
+    if want is None or mask.GetPixelID() == want:
+        return mask
+    if mask.GetNumberOfPixels():
+        mm = sitk.MinimumMaximumImageFilter()
+        mm.Execute(mask)
+        lo, hi = _RANGES[want]
+        if mm.GetMinimum() < lo or mm.GetMaximum() > hi:
+            return mask
+    return sitk.Cast(mask, want)
+
+
+def monai_label_indices(params: dict[str, Any]) -> bool:
+    """Does this request want MONAI Label's label values (the k-th label by value is k)? See the module docstring."""
+    restore = params.get("restore_label_idx")
+    if restore is not None:
+        return not (restore is True or str(restore).strip().lower() in ("true", "1", "yes"))
+    return "result_extension" in params
+
+
+def compact_labels(mask: sitk.Image, names: dict[str, int]) -> tuple[sitk.Image, dict[str, int]]:
+    """``(mask, names)`` renumbered so that the k-th label of ``names`` by value is k (MONAI Label's default).
+
+    Values the answer does not name become 0. Unchanged (the same objects) when the values already are 1..N.
+    """
+    order = sorted(((n, v) for n, v in names.items() if v > 0), key=lambda nv: nv[1])
+    new = {n: k for k, (n, _) in enumerate(order, 1)}
+    if all(names[n] == k for n, k in new.items()) and len(new) == len(names):
+        return mask, names
+    arr = sitk.GetArrayViewFromImage(mask)
+    top = max([int(arr.max()) if arr.size else 0, *(v for _, v in order)])
+    lut = np.zeros(top + 1, np.uint8 if len(new) < 256 else np.uint16)
+    for n, v in order:
+        lut[v] = new[n]
+    out = sitk.GetImageFromArray(lut[np.clip(arr, 0, top)])
+    out.CopyInformation(mask)
+    return out, new
+
+
+def infer_config(config: Any, *, fast: bool = False) -> dict[str, Any]:
+    """A model's ``config`` for MONAI Label's ``/info/``: only options its clients can show and send back.
+
+    MONAI Label's Slicer plugin lists each entry in its options table and sends it back as an infer param; for a
+    list it shows a drop-down of strings and sends the first item, and it fails on a list of anything else (its
+    ``invalidateConfigTable`` removes the shown *text* from the list). So: strings, booleans and numbers stay, lists
+    stay when they are non-empty lists of strings, everything else (``None``, number lists such as ``spacing`` or
+    ``roi_size``, which would come back as one number, dicts) is left out. ``fast=True`` offers hpcseg's ``fast``
+    mode as a check box.
+    """
+    out: dict[str, Any] = {}
+    for key, value in (config.items() if isinstance(config, dict) else ()):
+        if isinstance(value, (bool, int, float, str)):
+            out[str(key)] = value
+        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            out[str(key)] = list(value)
+    if fast:
+        out.setdefault("fast", False)
+    return out
 
 
 def label_names(model: Any, params: dict[str, Any]) -> dict[str, int]:

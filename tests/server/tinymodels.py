@@ -16,7 +16,7 @@ from hpcseg.server.models import Model, bad_request
 
 
 class Threshold(Model):
-    """Segmentation: label 1 (``body``) above -500 HU, label 2 (``bone``) above 300 HU.
+    """Segmentation: ``body`` above -500 HU, ``bone`` above 300 HU, with the manifest's values (1 and 2 by default).
 
     ``params["sleep"]`` makes it slow; ``active``/``peak`` count inferences running at once (in this process).
     """
@@ -44,8 +44,9 @@ class Threshold(Model):
                 cls.active -= 1
         arr = sitk.GetArrayViewFromImage(image)
         out = np.zeros(arr.shape, np.uint8)
-        out[arr > -500] = 1
-        out[arr > 300] = 2
+        labels = self.manifest.labels
+        out[arr > -500] = labels.get("body", 1)
+        out[arr > 300] = labels.get("bone", 2)
         self.keep_labels(out, params)
         mask = sitk.GetImageFromArray(out)
         mask.CopyInformation(image)

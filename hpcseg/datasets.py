@@ -193,7 +193,9 @@ def save(m):
 m = load()
 if op == "status":
     inc = {}
-    for p in glob.glob(os.path.join(d, ".incoming", a["case"] + "_*.nii.gz")): inc[os.path.basename(p)] = sha(p)
+    for p in glob.glob(os.path.join(d, ".incoming", a["case"] + "_*.nii.gz")):
+        try: inc[os.path.basename(p)] = sha(p)
+        except FileNotFoundError: pass  # committed by someone uploading the same pair right now
     case = (m or {}).get("hpcseg", {}).get("cases", {}).get(a["case"])
     print(json.dumps({"exists": m is not None, "labels": (m or {}).get("labels"), "case": case, "incoming": inc}))
     sys.exit(0)

@@ -147,15 +147,22 @@ class NetworkModel(TorchModel):
         return net
 
 
+def load_torchscript(path: Path, device: str) -> torch.nn.Module:
+    """``torch.jit.load`` of ``path`` onto ``device``; ModelLoadError when it is not TorchScript.
+
+    Extra files in the archive (MONAI's ``ckpt_export`` puts the bundle's configs there) are ignored.
+    """
+    try:
+        with warnings.catch_warnings():  # torch 2.9+ calls TorchScript deprecated; it still loads fine
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path), map_location=device)
+    except (RuntimeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ModelLoadError(f"{path}: not a TorchScript model torch.jit.load can read: {first}") from exc
+
+
 class TorchScriptModel(TorchModel):
     """``manifest.weights`` read with ``torch.jit.load``: no Python class needed."""
 
     def build(self, device: str) -> torch.nn.Module:
-        path = self.weights_path()
-        try:
-            with warnings.catch_warnings():  # torch 2.9+ calls TorchScript deprecated; it still loads fine
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return torch.jit.load(str(path), map_location=device)
-        except (RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0][:300]
-            raise ModelLoadError(f"{path}: not a TorchScript model torch.jit.load can read: {first}") from exc
+        return load_torchscript(self.weights_path(), device)

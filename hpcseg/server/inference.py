@@ -221,10 +221,24 @@ def to_model_space(image: sitk.Image, spacing: Sequence[float] | None, direction
     return grid
 
 
-def scale_intensity(arr: np.ndarray, intensity: dict | None) -> np.ndarray:
-    """The manifest's intensity transform on a float32 array (MONAI's ScaleIntensityRange / NormalizeIntensity)."""
+def scale_intensity(arr: np.ndarray, intensity: dict | list | None) -> np.ndarray:
+    """The manifest's intensity transform on a float32 array; a list is a chain of steps applied in order.
+
+    One step is MONAI's ``ScaleIntensityRange`` (``a_min``, ``a_max``, ``b_min``, ``b_max``, ``clip``),
+    ``NormalizeIntensity`` (``{"normalize": true, "nonzero": bool}``), ``ScaleIntensity`` (``minv``/``maxv``: the
+    image's min..max onto that range, or ``factor``: times 1 + factor) or ``ScaleIntensityRangePercentiles``
+    (``percentiles: [lower, upper]`` with ``b_min``, ``b_max``, ``clip``, ``relative``).
+
+    Example::
+
+        scale_intensity(ct, [{"normalize": True, "nonzero": True}, {"minv": -1.0, "maxv": 1.0}])  # wholeBody_ct
+    """
     arr = arr.astype(np.float32, copy=False)
     if not intensity:
+        return arr
+    if isinstance(intensity, list):
+        for step in intensity:
+            arr = scale_intensity(arr, step)
         return arr
     if intensity.get("normalize"):
         sel = arr[arr != 0] if intensity.get("nonzero") else arr
@@ -233,15 +247,36 @@ def scale_intensity(arr: np.ndarray, intensity: dict | None) -> np.ndarray:
         if intensity.get("nonzero"):
             out[arr == 0] = 0
         return out.astype(np.float32)
+    if "factor" in intensity:
+        return (arr * (1.0 + float(intensity["factor"]))).astype(np.float32, copy=False)
+    if "minv" in intensity or "maxv" in intensity:  # MONAI's rescale_array
+        lo, hi = float(arr.min()) if arr.size else 0.0, float(arr.max()) if arr.size else 0.0
+        minv, maxv = intensity.get("minv"), intensity.get("maxv")
+        if minv is None or maxv is None:
+            return arr
+        if hi == lo:
+            return (arr * float(minv)).astype(np.float32, copy=False)
+        return ((arr - lo) / (hi - lo) * (float(maxv) - float(minv)) + float(minv)).astype(np.float32, copy=False)
+    if "percentiles" in intensity:
+        lower, upper = (float(p) for p in intensity["percentiles"])
+        a_min, a_max = (float(v) for v in np.percentile(arr, [lower, upper])) if arr.size else (0.0, 1.0)
+        b_min, b_max = intensity.get("b_min"), intensity.get("b_max")
+        if intensity.get("relative") and b_min is not None and b_max is not None:
+            b_min, b_max = ((float(b_max) - float(b_min)) * lower / 100 + float(b_min),
+                            (float(b_max) - float(b_min)) * upper / 100 + float(b_min))
+        intensity = {"a_min": a_min, "a_max": a_max, "b_min": b_min, "b_max": b_max, "clip": intensity.get("clip")}
     a_min, a_max = float(intensity["a_min"]), float(intensity["a_max"])
-    b_min, b_max = float(intensity.get("b_min", 0.0)), float(intensity.get("b_max", 1.0))
+    b_min = 0.0 if intensity.get("b_min") is None else float(intensity["b_min"])
+    b_max = 1.0 if intensity.get("b_max") is None else float(intensity["b_max"])
+    if a_max == a_min:  # as MONAI: nothing to scale by
+        return (arr - a_min).astype(np.float32, copy=False)
     out = (arr - a_min) / (a_max - a_min) * (b_max - b_min) + b_min
     if intensity.get("clip", False):
         np.clip(out, min(b_min, b_max), max(b_min, b_max), out=out)
     return out.astype(np.float32, copy=False)
 
 
-def image_to_tensor(image: sitk.Image, intensity: dict | None) -> torch.Tensor:
+def image_to_tensor(image: sitk.Image, intensity: dict | list | None) -> torch.Tensor:
     """(1, 1, X, Y, Z) float32 tensor of a scalar image, intensity-scaled."""
     arr = scale_intensity(sitk.GetArrayFromImage(image), intensity)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 1, 0)))[None, None]
@@ -278,9 +313,12 @@ def segment(image: sitk.Image, predictor: Predictor, manifest: ModelManifest, pa
     x = image_to_tensor(grid, manifest.intensity)
     dev = torch.device(resolve_device(params.get("device") or device))
     win = window_params(manifest, params)
+    sw = manifest.extra.get("sliding_window") or {}  # a bundle's inferer: mode, sigma_scale, padding_mode, cval
+    sw = {k: sw[k] for k in ("mode", "sigma_scale", "padding_mode", "cval") if k in sw}
     with torch.inference_mode():
         labels = sliding_window_labels(x.to(dev), predictor, win["roi_size"], win["sw_batch_size"], win["overlap"],
-                                       sw_device=dev, device=dev, threshold=float(manifest.extra.get("threshold", 0)))
+                                       sw_device=dev, device=dev, threshold=float(manifest.extra.get("threshold", 0)),
+                                       **sw)
     arr = labels.numpy().transpose(2, 1, 0)  # (Z, Y, X), contiguous: the array the slabs were written into
     if wanted is not None:
         arr = arr.copy()

@@ -59,7 +59,8 @@ class ModelManifest:
 
     ``labels`` maps structure names to label values (for networks: value = output channel). ``spacing`` (mm,
     x y z) is the grid the model runs on; ``intensity`` is either a range scaling ``{"a_min", "a_max", "b_min",
-    "b_max", "clip"}`` (MONAI's ScaleIntensityRange) or ``{"normalize": true, "nonzero": false}`` (z-score).
+    "b_max", "clip"}`` (MONAI's ScaleIntensityRange) or ``{"normalize": true, "nonzero": false}`` (z-score), or a
+    list of steps applied in order (see :func:`hpcseg.server.inference.scale_intensity` for every kind of step).
     ``extra`` holds the rest: ``orientation`` (e.g. "RAS": axes the network expects), ``expect`` (input QA, see
     :func:`hpcseg.imaging.check_input`), ``threshold`` (single-channel networks), training provenance.
 
@@ -75,7 +76,7 @@ class ModelManifest:
     description: str = ""
     loader: str | None = None
     spacing: list[float] | None = None
-    intensity: dict | None = None
+    intensity: dict | list | None = None
     network: dict | None = None
     weights: str | None = None
     roi_size: list[int] | None = None
@@ -144,7 +145,9 @@ class ModelManifest:
             raise bad("roi_size", "must be three positive integers")
         for key in ("intensity", "network", "extra"):
             if data.get(key) is not None and not isinstance(data[key], dict):
-                raise bad(key, "must be an object")
+                if key == "intensity" and isinstance(data[key], list) and all(isinstance(s, dict) for s in data[key]):
+                    continue
+                raise bad(key, "must be an object" + (" or a list of objects" if key == "intensity" else ""))
         if data.get("network") is not None and not isinstance(data["network"].get("name"), str):
             raise bad("network", "needs a 'name' (a monai.networks.nets class or 'module:Class')")
         if "overlap" in data and not (isinstance(data["overlap"], (int, float)) and 0 <= data["overlap"] < 1):

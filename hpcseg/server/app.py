@@ -26,6 +26,9 @@ What MONAI Label's 3D Slicer plugin (0.8.x) sends, in order, and what of the ans
 ``POST /infer/{model}?image=<volume name>&session_id=<id>`` with ``params`` (the model's ``config`` from ``/info/``,
 ``result_extension: ".nrrd"``, ``result_dtype: "uint8"``, ``client_id``; clicks add ``label``, ``foreground``,
 ``background``). With the path-token address ``GET /auth/`` answers ``enabled: false``, so it never asks to log in.
+One thing the plugin does not survive, against MONAI Label's server too: a session that expired, was evicted or
+belonged to an earlier server job. Its ``GET /session/{id}`` then raises on the 404/410 instead of uploading again,
+until the scene is closed and the volume loaded again (the answer's detail says so).
 
 Inference code knows nothing of HTTP: this module decodes, calls ``Model.infer`` in a worker thread (``workers``
 at a time: one GPU), checks the mask is in the input's geometry, and encodes. Wire formats live in
@@ -334,9 +337,11 @@ def _session(rt: Runtime, session_id: str, *, touch: bool = True) -> Session:
 
 
 def _session_error(session_id: str, exc: KeyError) -> HTTPException:
+    # MONAI Label's Slicer plugin shows this text and cannot upload again by itself: say how.
+    again = "upload the image again (MONAI Label's Slicer plugin: close the scene and load the volume again)"
     if isinstance(exc, SessionGone):
-        return HTTPException(410, f"session {session_id} is gone ({exc.reason}): upload the image again")
-    return HTTPException(404, f"session {session_id} not found (deleted, or never created on this server)")
+        return HTTPException(410, f"session {session_id} is gone ({exc.reason}): {again}")
+    return HTTPException(404, f"session {session_id} not found (deleted, or never created on this server): {again}")
 
 
 async def _run_blocking(rt: Runtime, fn: Callable[..., T], *args: Any, gpu: bool) -> T:

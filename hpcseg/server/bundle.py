@@ -42,6 +42,8 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import math
@@ -101,13 +103,15 @@ def _parser(folder: Path):
 
 
 def _parsed(parser: Any, key: str, default: Any = None) -> Any:
+    if key not in parser:  # asking MONAI for a missing id costs ~0.3 s (it ranks every id as a suggestion)
+        return default
     try:
         return parser.get_parsed_content(key, instantiate=False, eval_expr=True)
     except Exception:  # absent or not evaluable here: the caller falls back
         return default
 
 
-_REF = re.compile(r"\$?@([\w#:.-]+)")
+_REF = re.compile(r"\$?@([\w#:-]+)")
 
 
 def _follow(parser: Any, key: str, hops: int = 8) -> tuple[str, Any]:
@@ -194,9 +198,9 @@ def manifest_from_bundle(folder: Path) -> ModelManifest:
     fmt = meta.get("network_data_format") or {}
     image_in = (fmt.get("inputs") or {}).get("image") or {}
     if isinstance(image_in.get("num_channels"), int) and image_in["num_channels"] > 1:
+        names = ", ".join(map(str, (image_in.get("channel_def") or {}).values())) or "several images"
         raise ModelLoadError(f"{folder}: the bundle's network takes {image_in['num_channels']} input channels "
-                             f"({', '.join(map(str, (image_in.get('channel_def') or {}).values())) or 'several images'});"
-                             " hpcseg serves networks that take one image")
+                             f"({names}); hpcseg serves networks that take one image")
     labels = _labels(meta, folder)
     n_out = ((fmt.get("outputs") or {}).get("pred") or {}).get("num_channels")
     extra: dict[str, Any] = {"bundle": True}
@@ -262,7 +266,7 @@ def manifest_from_bundle(folder: Path) -> ModelManifest:
     weights = next((w for w in ("models/model.pt", "models/model.ts") if (folder / w).is_file()), None)
     if weights is None:
         raise ModelLoadError(f"{folder}: the bundle has no models/model.pt or models/model.ts")
-    optional = meta.get("optional_packages_version")
+    optional = meta.get("required_packages_version") or meta.get("optional_packages_version")
     if isinstance(optional, dict) and optional:
         extra["optional_packages"] = {str(k): str(v) for k, v in optional.items()}
     data = {"name": str(meta.get("name") or folder.name), "version": str(meta.get("version", "0")),
@@ -283,7 +287,7 @@ def _local_modules(folder: Path) -> set[str]:
     """Top-level modules the bundle ships (``scripts`` and any other package or .py beside ``configs/``)."""
     names = {"scripts"}
     for p in folder.iterdir():
-        if p.is_dir() and (p / "__init__.py").is_file() or p.suffix == ".py":
+        if (p.is_dir() and (p / "__init__.py").is_file()) or p.suffix == ".py":
             names.add(p.stem)
     return names
 
@@ -336,6 +340,19 @@ def missing_module(exc: BaseException) -> str | None:
         if m:
             return m.group(1)
     return None
+
+
+def _unlocatable(exc: BaseException) -> str | None:
+    """The ``_target_`` MONAI could not find ("Cannot locate class or function path: 'x.y.Z'"), else None."""
+    m = re.search(r"Cannot locate class or function path: '([\w.]+)'", str(_root_cause(exc)))
+    return m.group(1) if m else None
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -402,7 +419,18 @@ class BundleModel(TorchModel):
         """A ModelLoadError saying what failed and why; a missing package is named, with the bundle's list."""
         optional = self.manifest.extra.get("optional_packages") or {}
         listed = ", ".join(f"{k} {v}" for k, v in optional.items())
-        module = missing_module(exc)
+        module, target = missing_module(exc), _unlocatable(exc)
+        if target and module is None:
+            top = target.split(".")[0]
+            if top in _local_modules(self.folder) or importlib.util.find_spec(top) is None:
+                module = target  # the bundle's own code is missing, or a package is not installed
+            else:
+                return ModelLoadError(f"{self.folder.name}: {what}: {target!r} does not exist in the installed "
+                                      f"{top} {_version(top)}", hint="the bundle was written for another version")
+        if module and module.split(".")[0] in _local_modules(self.folder):
+            return ModelLoadError(
+                f"{self.folder.name}: {what}: it imports {module!r}, which is not in the bundle folder",
+                hint=f"copy the whole bundle, {module.split('.')[0]}/ included, as the model zoo ships it")
         if module:
             return ModelLoadError(
                 f"{self.folder.name}: {what}: it needs the Python package {module.split('.')[0]!r}, which is not "

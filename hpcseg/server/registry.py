@@ -5,7 +5,8 @@ Each models directory holds one folder per model name; a folder is served when i
 - a model folder itself: ``<dir>/<name>/hpcseg-model.json``;
 - a family of fine-tuned versions: ``<dir>/<name>/current`` is a link to ``<dir>/<name>/<version>/`` (a model
   folder); fine-tuning writes a new version and moves the link, then ``POST /reload`` picks it up;
-- a MONAI bundle: ``<dir>/<name>/configs/metadata.json`` (the model code decides whether it can serve it).
+- a MONAI bundle: ``<dir>/<name>/configs/`` with ``metadata.json`` or ``inference.json|yaml`` (the model code
+  decides whether it can serve it, and says why not).
 
 Loading runs in one background thread (models share one GPU; loading them one by one keeps peak memory low) and
 ends with a warm-up, so "ready" means the first request is fast. A model that fails to load is reported (state
@@ -50,7 +51,8 @@ class Candidate:
         """What changes when a new version is published: the resolved folder and its manifest's mtime."""
         if self.folder is None:
             return None
-        for marker in (self.folder / MANIFEST, self.folder / "configs" / "metadata.json", self.folder):
+        for marker in (self.folder / MANIFEST, self.folder / "configs" / "metadata.json",
+                       self.folder / "configs" / "inference.json", self.folder):
             try:
                 return str(self.folder.resolve()), marker.stat().st_mtime_ns
             except OSError:
@@ -112,14 +114,19 @@ def _candidate(child: Path) -> Candidate | None:
         if not current.exists():
             return Candidate(name, None, f"{current} points to {_readlink(current)}, which does not exist")
         target = current.resolve()
-        if (target / MANIFEST).is_file() or (target / "configs" / "metadata.json").is_file():
+        if (target / MANIFEST).is_file() or _is_bundle(target):
             return Candidate(name, target)
         return Candidate(name, None, f"{current} -> {target} holds no {MANIFEST}")
-    if (child / "configs" / "metadata.json").is_file():
+    if _is_bundle(child):
         return Candidate(name, child)
     if any((v / MANIFEST).is_file() for v in child.iterdir() if v.is_dir()):
         return Candidate(name, None, f"{child} holds versions but no `current` link to the one to serve")
     return None
+
+
+def _is_bundle(folder: Path) -> bool:
+    configs = folder / "configs"
+    return any((configs / f).is_file() for f in ("metadata.json", "inference.json", "inference.yaml", "inference.yml"))
 
 
 def _readlink(p: Path) -> str:
@@ -263,7 +270,10 @@ class ModelRegistry:
                 model.warmup()
             t2 = time.monotonic()
         except Exception as exc:  # any failure of one model must not stop the others
-            reason = exc.message if isinstance(exc, HpcsegError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, HpcsegError):
+                reason = exc.message + (f" ({exc.hint})" if exc.hint else "")
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
             with self._lock:
                 if entry.model is None:
                     entry.state, entry.error = "failed", reason

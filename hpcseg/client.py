@@ -224,7 +224,7 @@ class ServerClient:
 
     def create_session(self, image: sitk.Image | str | Path, *, progress: Progress | None = None) -> str:
         """Upload an image once; later :meth:`click`/:meth:`extreme_points` send only points. Returns its id."""
-        img, _ = _prepare(image)
+        img, _ = _prepare(image, min_slices=1)  # prompts on a single slice are the interactive model's call
         ctype = self._codec()
         chunks, content_type = _multipart({}, [("files", "image" + _suffix(ctype), ctype, imaging.encode(img, ctype))])
         resp = self._request("PUT", "/session/", data=_Body(chunks, progress), headers={"Content-Type": content_type},
@@ -343,14 +343,14 @@ class ServerClient:
         return resp
 
 
-def _prepare(image: sitk.Image | str | Path) -> tuple[sitk.Image, list[str]]:
+def _prepare(image: sitk.Image | str | Path, min_slices: int = 3) -> tuple[sitk.Image, list[str]]:
     """The image to send: read if a path, checked to be a 3D single-channel volume (ImageError before any upload
     otherwise), NaN/inf voxels replaced by its lowest value; and warnings about what was changed."""
     name = "the image" if isinstance(image, sitk.Image) else image
     img = image if isinstance(image, sitk.Image) else imaging.read_image(image)
-    img = imaging.as_volume(img, name)
+    img = imaging.as_volume(img, name, min_slices=min_slices)
     img, bad = imaging.finite_voxels(img)
-    notes = [f"{bad} voxels were not numbers (NaN or infinite): sent as the image's lowest value"] if bad else []
+    notes = [imaging.nonfinite_warning(bad)] if bad else []
     return img, notes
 
 

@@ -4,9 +4,16 @@ Shared by the client and the server (the only module they share besides the mode
 ``SimpleITK.Image``; numpy arrays from ``sitk.GetArrayFromImage`` are in (z, y, x) order while sizes, spacings and
 voxel indices are in ITK (x, y, z) order.
 
-Formats read: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .seg.nrrd), MetaImage (.mha, .mhd) and DICOM series folders.
-Masks are written atomically in the reference image's exact geometry, with their label names: Slicer's segment
-metadata in ``.seg.nrrd`` files, otherwise a ``<stem>.labels.json`` sidecar next to the mask.
+Formats read: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .seg.nrrd), MetaImage (.mha, .mhd) and DICOM series (a folder,
+or any file of the series, with or without a suffix). Masks are written atomically in the reference image's exact
+geometry, with their label names: Slicer's segment metadata in ``.seg.nrrd`` files, otherwise a
+``<stem>.labels.json`` sidecar next to the mask.
+
+What real scans bring, and what happens: a truncated NIfTI, a folder of two alike DICOM series, slices in several
+orientations or repeating positions are refused (``ImageError``: one sentence and a hint); a scout next to the
+scan, unevenly spaced (missing) or sheared slices, NaN voxels, non-CT intensities for a CT model become
+:func:`check_input` warnings; :func:`as_volume` refuses 2D, single-slice, 4D and RGB inputs before anything is
+sent; :func:`check_output_path` refuses an unwritable mask path before any work.
 
 Wire codecs (HTTP ``Content-Type`` values, used by client and server alike):
 
@@ -108,11 +115,11 @@ def read_warnings(image: sitk.Image) -> list[str]:
         return []
 
 
-def as_volume(image: sitk.Image, name: str | Path = "the image") -> sitk.Image:
+def as_volume(image: sitk.Image, name: str | Path = "the image", min_slices: int = 3) -> sitk.Image:
     """``image`` as the 3D single-channel volume a model segments, or ImageError saying what it is instead.
 
-    A 4D image with one time point becomes that 3D volume (same geometry). Refused: 2D images, single slices
-    (fewer than 3 voxels along an axis), 4D series, RGB/vector images.
+    A 4D image with one time point becomes that 3D volume (same geometry). Refused: 2D images, volumes thinner
+    than ``min_slices`` voxels along an axis (a single slice), 4D series, RGB/vector images.
 
     Example::
 
@@ -137,7 +144,7 @@ def as_volume(image: sitk.Image, name: str | Path = "the image") -> sitk.Image:
         raise ImageError(f"{name}: {comps} values per voxel (an RGB or vector image, e.g. a screenshot or a "
                          "colour rendering); hpcseg segments grey-level scans",
                          hint="give the original CT/MRI (for DICOM: the series folder), not an exported picture")
-    if min(size) < 3:
+    if min(size) < min_slices:
         what = "a single slice" if min(size) == 1 else f"only {min(size)} voxels thick"
         raise ImageError(f"{name}: {what} ({_fmt(size)} voxels); hpcseg segments 3D volumes",
                          hint="give the whole scan (for DICOM: the folder that holds all slices of the series)")
@@ -160,6 +167,12 @@ def finite_voxels(image: sitk.Image) -> tuple[sitk.Image, int]:
     out = sitk.GetImageFromArray(fixed, isVector=image.GetNumberOfComponentsPerPixel() > 1)
     out.CopyInformation(image)
     return out, n
+
+
+def nonfinite_warning(n: int) -> str:
+    """The QA sentence for ``n`` NaN/inf voxels (the same from :func:`check_input` and the client)."""
+    return (f"{n} voxels are not numbers (NaN or infinite; a broken conversion?): the hpcseg client sends them as "
+            "the image's lowest value")
 
 
 def _is_dicom_file(p: Path) -> bool:
@@ -454,11 +467,11 @@ def check_output_path(path: str | Path, source: str | Path | None = None) -> Pat
         check_output_path("out/ct-seg.seg.nrrd", source="ct.nii.gz")
     """
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise ImageError(f"{p}: is a folder", hint="give a file name, e.g. ct-seg.seg.nrrd")
     if not any(p.name.lower().endswith(s) and len(p.name) > len(s) for s in MASK_SUFFIXES):
         raise ImageError(f"{p}: cannot write a mask in this format ({''.join(p.suffixes) or 'no extension'})",
                          hint="name it .seg.nrrd (3D Slicer, keeps label names), .nii.gz, .nii, .nrrd, .mha or .mhd")
-    if p.is_dir():
-        raise ImageError(f"{p}: is a folder", hint="give a file name, e.g. ct-seg.seg.nrrd")
     if source is not None and p.exists() and _same_file(str(p), Path(source).expanduser()):
         raise ImageError(f"{p}: is the input image; writing the mask there would destroy it",
                          hint="choose another file name for the mask")
@@ -640,8 +653,7 @@ def check_input(image: sitk.Image, expect: dict | None = None) -> list[str]:
     if view.dtype.kind == "f":
         bad = int(np.count_nonzero(~np.isfinite(view)))
         if bad:
-            warnings.append(f"{bad} voxels are not numbers (NaN or infinite): a broken conversion? the hpcseg "
-                            "client sends them as the image's lowest value")
+            warnings.append(nonfinite_warning(bad))
     if str(expect.get("modality", "")).upper() == "CT" and image.GetNumberOfComponentsPerPixel() == 1:
         sample = view[:: max(1, view.shape[0] // 32)]  # a few dozen slices are enough for a range
         finite = sample[np.isfinite(sample)] if sample.dtype.kind == "f" else sample

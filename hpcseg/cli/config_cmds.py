@@ -105,7 +105,8 @@ def run_checks(prof: Profile) -> list[dict]:
 
     try:
         prof.validate()
-        add("profile values", True)
+        add("profile values", True, f"{prof.scheduler}, {prof.gpus} GPU(s), {prof.cpus} CPUs, {prof.memory}, "
+                                    f"walltime {prof.walltime}, runtime {prof.container_runtime}")
     except ConfigError as exc:
         add("profile values", False, exc.message, exc.hint or "")
         return checks
@@ -118,8 +119,9 @@ def run_checks(prof: Profile) -> list[dict]:
         return checks
     for what, cmd in jm.scheduler.check_commands(prof.partition):
         res = jm.shell.run(list(cmd.argv), timeout=30)
-        add(what, res.ok and bool(res.stdout.strip()) or res.ok, (res.stdout or res.stderr).strip()[:200],
-            "" if res.ok else f"`{res.command}` failed: ask your admins, or check scheduler/partition in the profile")
+        add(what, res.ok, " | ".join((res.stdout if res.ok else res.stderr or res.stdout).strip().splitlines())[:300],
+            "" if res.ok else "check scheduler and partition in the profile (hpcseg config set partition NAME), "
+                              "or ask your admins")
     wd = jm.work_dir()
     res = jm.shell.run(f"mkdir -p {shlex.quote(wd)} && test -w {shlex.quote(wd)}")
     add("work dir", res.ok, wd, "" if res.ok else f"set work_dir to a writable folder (now {prof.work_dir})")

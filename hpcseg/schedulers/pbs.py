@@ -334,5 +334,9 @@ class PBS(Scheduler):
         checks = [("qsub", Command(["sh", "-c", "command -v qsub"])),
                   ("qstat", Command(["sh", "-c", "command -v qstat"]))]
         if partition:
-            checks.append((f"queue {partition}", Command(["qstat", "-Q", partition])))
+            checks.append((f"queue {partition}", Command(
+                ["sh", "-c", 'if out=$(qstat -Q "$1" 2>&1); then printf "%s\\n" "$out" | tail -n 1 | tr -s " "; '
+                 'else rc=$?; echo "no queue $1 (qstat -Q: exit $rc${out:+, $(printf "%s" "$out" | head -n 1)}); '
+                 'queues here: $(qstat -Q 2>/dev/null | awk "NR>2 {print \\$1}" | tr "\\n" " ")" >&2; exit 1; fi',
+                 "sh", partition])))
         return checks

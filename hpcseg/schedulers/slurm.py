@@ -352,5 +352,8 @@ class Slurm(Scheduler):
                   ("sbatch", Command(["sbatch", "--version"]))]
         if partition:
             checks.append((f"partition {partition}", Command(
-                ["sh", "-c", 'test -n "$(sinfo -h -p "$1" -o %P)"', "sh", partition])))
+                ["sh", "-c", 'out=$(sinfo -h -p "$1" -o "%P %a, %D node(s), GRES %G, time limit %l") || exit; '
+                 'if test -n "$out"; then printf "%s\\n" "$out"; else '
+                 'echo "no partition $1; partitions here: $(sinfo -h -o %R | sort -u | tr "\\n" " ")" >&2; exit 1; fi',
+                 "sh", partition])))
         return checks

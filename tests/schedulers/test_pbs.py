@@ -5,6 +5,8 @@ Outputs built here (real Torque, a dead server) are marked synthetic."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from datetime import datetime
 
 import pytest
@@ -271,7 +273,22 @@ def test_cancel_already_gone_is_fine_in_both_dialects():
         pro().parse_cancel(result("", "qdel: Unauthorized Request  5.pbshost\n", 159), ["5.pbshost"])
 
 
-def test_queue_check_uses_qstat_Q_which_fails_for_an_unknown_queue():
-    checks = dict(torque().check_commands("gpu"))
-    assert checks["queue gpu"].argv == ("qstat", "-Q", "gpu")
-    assert recorded("torque", "qstat_Q_gpu").exit_code == 0 and recorded("torque", "qstat_Q_nosuch").exit_code == 153
+def test_queue_check_uses_qstat_Q_which_fails_for_an_unknown_queue(tmp_path):
+    """`qstat -Q QUEUE` fails for an unknown queue (recorded); the check then lists the queues there are."""
+    gpu, nosuch = recorded("torque", "qstat_Q_gpu"), recorded("torque", "qstat_Q_nosuch")
+    assert gpu.exit_code == 0 and nosuch.exit_code == 153
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (tmp_path / "gpu.out").write_text(gpu.stdout)
+    fake = bin_dir / "qstat"  # replays the recordings: `-Q gpu` and `-Q` list the queue, any other queue fails
+    fake.write_text(f'#!/bin/sh\ncase "$2" in gpu|"") cat {tmp_path / "gpu.out"};; *) exit {nosuch.exit_code};; esac\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    for queue, ok in (("gpu", True), ("nosuch", False)):
+        (what, cmd), = [c for c in torque().check_commands(queue) if c[0].startswith("queue")]
+        res = subprocess.run(list(cmd.argv), env=env, capture_output=True, text=True)
+        assert (res.returncode == 0) is ok and what == f"queue {queue}"
+        if ok:
+            assert res.stdout.split()[0] == "gpu"
+        else:
+            assert res.stderr.strip() == "no queue nosuch (qstat -Q: exit 153); queues here: gpu"

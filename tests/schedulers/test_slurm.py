@@ -251,4 +251,5 @@ def test_partition_check_fails_when_sinfo_prints_nothing(tmp_path):
     assert checks["Slurm client (sinfo)"].argv == ("sinfo", "--version")
     argv = list(checks["partition gpu"].argv)
     assert subprocess.run(argv, env=_fake_sinfo(tmp_path, "gpu*\n")).returncode == 0
-    assert subprocess.run(argv, env=_fake_sinfo(tmp_path, "")).returncode != 0
+    bad = subprocess.run(argv, env=_fake_sinfo(tmp_path, ""), capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.startswith("no partition gpu; partitions here:")

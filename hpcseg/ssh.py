@@ -12,8 +12,12 @@ What it does on purpose:
 - sets TCP_NODELAY (paramiko never does: without it every request/response waits ~40 ms for Nagle) and prefers
   AES-GCM (about twice paramiko's default aes128-ctr throughput; see shared notes on transport figures);
 - auth: agent keys, identity files (passphrase asked at a terminal), then keyboard-interactive for one-time codes
-  when a person is at the terminal (also after a key was accepted with "partial success", as MFA sites do);
-- keepalive every 30 s; every connect, auth and command has a bounded time.
+  when a person is at the terminal (also after a key was accepted with "partial success", as MFA sites do). The
+  prompts are answered in the calling thread (paramiko asks from its own thread: there Ctrl-C would leave the
+  terminal without echo), a mistyped code may be typed again (3 tries, like OpenSSH), and the time a person takes
+  to type is not limited (sshd's LoginGraceTime is); with no one at the terminal the server's wish for a code is
+  one clear error, never a wait;
+- keepalive every 30 s; every connect, auth and command has a bounded time (the server's part of it).
 
 Example::
 
@@ -29,6 +33,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import queue
 import select
 import shlex
 import socket
@@ -48,6 +53,7 @@ from .shell import Argv, Result, join
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
+CODE_TRIES = 3  # keyboard-interactive rounds a person gets for a one-time code (OpenSSH's NumberOfPasswordPrompts)
 _GCM_FIRST = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr", "aes192-ctr")
 
 
@@ -107,7 +113,12 @@ def _tty_prompt(title: str, instructions: str, prompts: list[tuple[str, bool]]) 
 
 
 class SSHShell:
-    """A :class:`~hpcseg.shell.Shell` on a remote login node, over one lazily opened connection."""
+    """A :class:`~hpcseg.shell.Shell` on a remote login node, over one lazily opened connection.
+
+    ``prompt(title, instructions, [(prompt, echo), ...]) -> [answer, ...]`` answers keyboard-interactive questions
+    (one-time codes); default: ask at the terminal. ``interactive`` (default: a ``prompt`` was given, or stdin is
+    a terminal) says whether anyone may be asked at all; if not, a server that wants a code is a clear error.
+    """
 
     def __init__(self, host: str, *, user: str | None = None, port: int | None = None,
                  identity_file: str | None = None, proxy_jump: str | None = None,
@@ -119,7 +130,9 @@ class SSHShell:
         self.name = f"{self.target.user}@{self.target.alias}"
         self._known_hosts = [Path("~/.ssh/known_hosts").expanduser(), hpcseg_known_hosts(),
                              *(Path(p).expanduser() for p in known_hosts or [])]
-        self._interactive = sys.stdin.isatty() if interactive is None else interactive
+        if interactive is None:  # a prompt callback given is someone to ask; else a person at this terminal
+            interactive = prompt is not None or sys.stdin.isatty()
+        self._interactive = interactive
         self._timeout = connect_timeout
         self._keepalive = keepalive
         self._prompt = prompt or _tty_prompt
@@ -258,9 +271,11 @@ class SSHShell:
         return keys
 
     def _authenticate(self, transport: paramiko.Transport) -> None:
-        user = self.target.user
+        t = self.target
+        user = t.user
         remaining: list[str] = []
         tried = []
+        partial = False
         for key in self._keys():
             tried.append(key.get_name())
             try:
@@ -268,22 +283,116 @@ class SSHShell:
             except paramiko.AuthenticationException:
                 continue
             except paramiko.SSHException as exc:
-                raise ConnectionFailed(f"SSH authentication with {self.target.hostname} broke off: {exc}") from exc
+                raise ConnectionFailed(f"SSH authentication with {t.hostname} broke off: {exc}") from exc
             if transport.is_authenticated():
                 return
-            break  # partial success: the server wants a second factor
-        if self._interactive and (remaining and "keyboard-interactive" in remaining or not tried):
-            try:
-                transport.auth_interactive(user, self._prompt)
-            except paramiko.AuthenticationException as exc:
-                raise AuthenticationFailed(f"{user}@{self.target.hostname} refused the one-time code: {exc}") from exc
-            if transport.is_authenticated():
-                return
+            partial = True  # partial success: the server wants a second factor
+            break
+        wants_code = "keyboard-interactive" in remaining if partial else not tried
+        if partial and not wants_code:
+            raise AuthenticationFailed(
+                f"{user}@{t.hostname}:{t.port} accepted our key but also wants {', '.join(remaining) or 'more'}, "
+                f"which hpcseg cannot answer",
+                hint="log in with plain ssh -v to see what the site asks for, and ask its admins for a key-based "
+                     "or keyboard-interactive (one-time code) login")
+        if partial and not self._interactive:
+            raise AuthenticationFailed(
+                f"{user}@{t.hostname}:{t.port} accepted our key but also wants a one-time code "
+                f"(keyboard-interactive), and no one is at a terminal to type it",
+                hint="run the command in a terminal (stdin must be one): hpcseg asks for the code once and keeps "
+                     "that one login for the whole command; scripts, cron jobs and pipes cannot answer it, so ask "
+                     "your site for a key-only login (many have a data-transfer or automation node)")
+        if self._interactive and wants_code:
+            for attempt in range(1, CODE_TRIES + 1):
+                try:
+                    self._auth_interactive(transport, user)
+                except paramiko.BadAuthenticationType as exc:
+                    raise AuthenticationFailed(
+                        f"{user}@{t.hostname}:{t.port} does not offer keyboard-interactive login "
+                        f"(it offers: {', '.join(exc.allowed_types) or 'nothing'})") from exc
+                except paramiko.AuthenticationException as exc:
+                    if attempt == CODE_TRIES or not transport.is_active():
+                        raise AuthenticationFailed(
+                            f"{user}@{t.hostname}:{t.port} refused the one-time code "
+                            f"({attempt} {'try' if attempt == 1 else 'tries'}: {exc})",
+                            hint="check the code (a fresh one from your authenticator; is its clock right?) and "
+                                 "run the command again") from exc
+                    log.warning("%s@%s did not accept that code; try again (%d of %d)", user, t.hostname,
+                                attempt + 1, CODE_TRIES)
+                    continue
+                if transport.is_authenticated():
+                    return
         raise AuthenticationFailed(
-            f"{user}@{self.target.hostname}:{self.target.port} accepted none of our keys "
+            f"{user}@{t.hostname}:{t.port} accepted none of our keys "
             f"({len(tried)} tried{': ' + ', '.join(tried) if tried else ''})",
             hint="add your key to the agent (ssh-add), set identity_file in the profile or IdentityFile in "
                  "~/.ssh/config, and check you can log in with plain ssh")
+
+    def _auth_interactive(self, transport: paramiko.Transport, user: str) -> None:
+        """One keyboard-interactive round trip, the prompts answered in this thread.
+
+        paramiko calls its handler from the transport's thread; a getpass there cannot see Ctrl-C (which reaches
+        the main thread) and would leave the terminal without echo. So the handler hands each question over to
+        this thread and waits for the answer. paramiko's own auth timeout is off meanwhile: how long a person takes
+        to type is not bounded here (sshd's LoginGraceTime bounds it), the server's silence between answers is
+        (connect_timeout).
+        """
+        asks: queue.Queue = queue.Queue()
+
+        def handler(title: str, instructions: str, prompts: list[tuple[str, bool]]) -> list[str]:
+            if not prompts and not title.strip() and not instructions.strip():
+                return []  # sshd's empty round after PAM said yes: nothing to show or answer
+            reply: queue.Queue = queue.Queue(maxsize=1)
+            asks.put((title, instructions, prompts, reply))
+            answers = reply.get()
+            if answers is None:
+                raise paramiko.SSHException("the prompt was cancelled")
+            return answers
+
+        outcome: list[BaseException | None] = []
+
+        def authenticate() -> None:
+            try:
+                transport.auth_interactive(user, handler)
+                outcome.append(None)
+            except BaseException as exc:  # handed to the caller's thread below
+                outcome.append(exc)
+            finally:
+                asks.put(None)
+
+        saved_timeout = transport.auth_timeout
+        transport.auth_timeout = None
+        worker = threading.Thread(target=authenticate, name=f"ssh-auth-{self.name}", daemon=True)
+        try:
+            worker.start()
+            deadline = time.monotonic() + self._timeout
+            while True:
+                try:
+                    item = asks.get(timeout=max(0.01, deadline - time.monotonic()))
+                except queue.Empty:
+                    transport.close()
+                    raise ConnectionFailed(f"{self.target.hostname}:{self.target.port} stopped answering during "
+                                           f"the one-time code login (no reply within {self._timeout:.0f} s)") from None
+                if item is None:
+                    break
+                title, instructions, prompts, reply = item
+                try:
+                    answers = list(self._prompt(title, instructions, prompts))
+                except EOFError:
+                    reply.put(None)
+                    raise AuthenticationFailed(
+                        f"{self.target.hostname}:{self.target.port} asked for a one-time code and the terminal "
+                        f"closed (end of input) before one was typed") from None
+                except BaseException:
+                    reply.put(None)
+                    raise
+                reply.put(answers)
+                deadline = time.monotonic() + self._timeout
+        finally:
+            transport.auth_timeout = saved_timeout
+        worker.join(self._timeout)
+        if outcome and outcome[0] is not None:
+            raise outcome[0]
 
     # -- Shell ----------------------------------------------------------------------------------------------------
     def run(self, argv: Argv | str, *, stdin: str | bytes | None = None, timeout: float | None = 60,

@@ -58,12 +58,19 @@ class TestCluster:
     netns_compute: str = "hpcseg-compute"
     link_devices: list = field(default_factory=list)
     scripts_dir: str = str(HERE)
+    # the second login sshd (up.sh): publickey then keyboard-interactive (a one-time code checked by real PAM)
+    mfa_port: int = 0
+    otp_path: str = ""  # the code it accepts (root-only file)
+    mfa_pam_service: str = ""
     extra: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> TestCluster:
         p = Path(path) if path else state_dir() / "cluster.json"
         data = json.loads(p.read_text())
+        mfa = p.with_name("mfa.json")  # accounting.sh rewrites cluster.json without the MFA facts
+        if "mfa_port" not in data and mfa.exists():
+            data.update(json.loads(mfa.read_text()))
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in data.items() if k in names and k not in ("path", "extra")}
         return cls(**known, path=str(p), extra={k: v for k, v in data.items() if k not in names})
@@ -72,6 +79,10 @@ class TestCluster:
     def ssh_argv(self, *command: str, key: str | None = None, options: tuple[str, ...] = ()) -> list[str]:
         """The real OpenSSH client, strict host key checking against the cluster's known_hosts."""
         return ssh_argv(self, *command, key=key, options=options)
+
+    def one_time_code(self) -> str:
+        """The code the MFA sshd (port `mfa_port`) accepts after the key."""
+        return Path(self.otp_path).read_text().strip()
 
     def run_as_user(self, argv, **kw) -> subprocess.CompletedProcess:
         return run_as_user(self, argv, **kw)

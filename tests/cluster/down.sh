@@ -22,6 +22,7 @@ if [ -f "$SLURM_CONF" ] && pid_ok "$SLURM_RUN/slurmctld.pid" slurmctld; then
 fi
 
 stop_pid "$RUN/sshd.pid" sshd
+stop_pid "$RUN/sshd-mfa.pid" "$MFA_PAM_SERVICE"
 stop_pid "$RUN/slurmd.pid" slurmd
 stop_pid "$SLURM_RUN/slurmctld.pid" slurmctld
 stop_pid "$SLURM_RUN/slurmdbd.pid" slurmdbd
@@ -37,5 +38,6 @@ if [ "$PURGE" = 1 ]; then
   # job ids restart at 1 with a new database: the test user's old job folders must not outlive them
   id "$TEST_USER" >/dev/null 2>&1 && userdel -r "$TEST_USER" >/dev/null 2>&1 || true
   rm -rf "$TEST_HOME" "$STATE" "$(dirname "$VENV")"
+  rm -f "$MFA_PAM_FILE"
 fi
 log "cluster down in $(( ($(date +%s%N) - T0) / 1000000 )) ms$([ "$PURGE" = 1 ] && echo ' (purged)')"

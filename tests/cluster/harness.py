@@ -68,9 +68,6 @@ class TestCluster:
     def load(cls, path: str | os.PathLike | None = None) -> TestCluster:
         p = Path(path) if path else state_dir() / "cluster.json"
         data = json.loads(p.read_text())
-        mfa = p.with_name("mfa.json")  # accounting.sh rewrites cluster.json without the MFA facts
-        if "mfa_port" not in data and mfa.exists():
-            data.update(json.loads(mfa.read_text()))
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in data.items() if k in names and k not in ("path", "extra")}
         return cls(**known, path=str(p), extra={k: v for k, v in data.items() if k not in names})

@@ -49,6 +49,15 @@ LOG=$STATE/log
 SPOOL=$STATE/spool
 GPU_DEV_DIR=$STATE/dev
 SSHD_DIR=$STATE/sshd
+
+# The second login sshd (MFA): key, then a one-time code through PAM. Used by up.sh, down.sh and cluster.json.
+MFA_PORT=2222
+MFA_DIR=$SSHD_DIR/mfa
+MFA_CONFIG=$MFA_DIR/sshd_config
+MFA_PAM_SERVICE=hpcseg-sshd-mfa         # OpenSSH 9.2 has no PAMServiceName: sshd uses its program name...
+MFA_BIN=$MFA_DIR/$MFA_PAM_SERVICE       # ...so it runs as this link to /usr/sbin/sshd (comm: hpcseg-sshd-mfa)
+MFA_PAM_FILE=/etc/pam.d/$MFA_PAM_SERVICE
+OTP_FILE=$STATE/otp                     # the one-time code: root 0600 (PAM runs as root in sshd's monitor)
 SSHD_CONFIG=$SSHD_DIR/sshd_config
 HOST_KEY=$SSHD_DIR/ssh_host_ed25519_key
 CLIENT_DIR=$STATE/client
@@ -511,6 +520,9 @@ data = {
     "link_devices": ["$VETH_ROOT", "$NS_LOGIN:$VETH_LOGIN"],
     "scripts_dir": "$CLUSTER_DIR",
     "state_dir": "$STATE",
+    "mfa_port": $MFA_PORT,
+    "otp_path": "$OTP_FILE",
+    "mfa_pam_service": "$MFA_PAM_SERVICE",
 }
 tmp = path + ".tmp"
 with open(tmp, "w") as f:

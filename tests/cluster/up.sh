@@ -11,16 +11,6 @@ REPO_DIR=${1:-$(cd "$CLUSTER_DIR/../.." && pwd)}
 REPO_DIR=$(cd "$REPO_DIR" && pwd) || die "no such repo dir: ${1:-}"
 [ -f "$REPO_DIR/pyproject.toml" ] || die "$REPO_DIR has no pyproject.toml"
 
-# The second login sshd (MFA): key, then a one-time code through PAM. Names kept here (lib.sh is shared).
-MFA_PORT=2222
-MFA_DIR=$SSHD_DIR/mfa
-MFA_CONFIG=$MFA_DIR/sshd_config
-MFA_PAM_SERVICE=hpcseg-sshd-mfa         # OpenSSH 9.2 has no PAMServiceName: sshd uses its program name...
-MFA_BIN=$MFA_DIR/$MFA_PAM_SERVICE       # ...so it runs as this link to /usr/sbin/sshd (comm: hpcseg-sshd-mfa)
-MFA_PAM_FILE=/etc/pam.d/$MFA_PAM_SERVICE
-OTP_FILE=$STATE/otp                     # the one-time code: root 0600 (PAM runs as root in sshd's monitor)
-MFA_JSON=$STATE/mfa.json                # MFA facts (also merged into cluster.json, which accounting.sh rewrites)
-
 T0=$(date +%s%N)
 take_lock
 
@@ -428,18 +418,4 @@ net_ok || die "network check failed at the end"
 ip route get "$COMPUTE_IP" >/dev/null 2>&1 && die "$COMPUTE_IP is routable from the root namespace" || true
 
 write_cluster_json
-# MFA facts: into mfa.json and merged into cluster.json (lib.sh's writer, also used by accounting.sh, omits them;
-# tests/cluster/harness.py reads mfa.json when cluster.json lacks them)
-"$SYS_PYTHON" - "$CLUSTER_JSON" "$MFA_JSON" <<EOF
-import json, os, sys
-mfa = {"mfa_port": $MFA_PORT, "otp_path": "$OTP_FILE", "mfa_pam_service": "$MFA_PAM_SERVICE"}
-for path, merge in ((sys.argv[2], False), (sys.argv[1], True)):
-    data = json.load(open(path)) if merge else {}
-    data.update(mfa)
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.chmod(path + ".tmp", 0o644)
-    os.replace(path + ".tmp", path)
-EOF
 log "cluster up in $(( ($(date +%s%N) - T0) / 1000000 )) ms: ssh $TEST_USER@$LOGIN_IP (MFA: port $MFA_PORT), node $COMPUTE_HOST $(node_state), $CLUSTER_JSON"

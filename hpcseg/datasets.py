@@ -24,7 +24,6 @@ Example::
 from __future__ import annotations
 
 import getpass
-import gzip
 import hashlib
 import json
 import os
@@ -86,20 +85,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_complete(path: Path) -> None:
-    """ITK reads a truncated .gz as if complete (the missing voxels read as 0): read the stream to its end."""
-    if path.is_file() and path.name.endswith(".gz"):
-        with gzip.open(path, "rb") as fh:
-            while fh.read(1 << 22):
-                pass
-
-
 def _read(path: str | os.PathLike, what: str) -> sitk.Image:
     from .imaging import read_image
 
     try:
-        _check_complete(Path(path))
-        return read_image(path)
+        return read_image(path)  # refuses a truncated NIfTI (ITK would read the missing voxels as 0)
     except (ImageError, RuntimeError, OSError, EOFError, zlib.error) as exc:
         raise DatasetError(f"refused: the {what} {path} cannot be read ({exc or type(exc).__name__})",
                            hint=f"check that {path} is a complete NIfTI/NRRD/MHA file or DICOM folder") from exc

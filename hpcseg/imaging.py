@@ -58,7 +58,7 @@ CONTENT_TYPES = (CONTENT_TYPE_ZSTD, CONTENT_TYPE_NIFTI)
 
 IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 GEOMETRY_TOLERANCE = 1e-3
-MASK_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+MASK_SUFFIXES = IMAGE_SUFFIXES  # a mask is written in every format an image is read from
 _ZSTD_MAGIC = b"HSV1"
 _READ_WARNINGS_KEY = "hpcseg_read_warnings"  # image metadata: read_image's notes, for check_input
 _INTERPOLATORS = {"nearest": sitk.sitkNearestNeighbor, "linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}

@@ -137,10 +137,10 @@ def negotiate(accept: str, result_extension: Any = None) -> str:
     return NIFTI_GZ
 
 
-def conform_mask(mask: Any, image: sitk.Image, model: str, dtype: Any = None) -> sitk.Image:
+def conform_mask(mask: Any, image: sitk.Image, model: str) -> sitk.Image:
     """The mask on exactly the input's grid (size checked, geometry copied) as an integer label map.
 
-    ``dtype`` (MONAI Label's ``result_dtype``) as in :func:`cast_mask`.
+    MONAI Label's ``result_dtype`` is applied afterwards by :func:`cast_mask` (after any renumbering).
     """
     if isinstance(mask, np.ndarray):
         arr = mask
@@ -154,7 +154,7 @@ def conform_mask(mask: Any, image: sitk.Image, model: str, dtype: Any = None) ->
     if mask.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         top = float(sitk.GetArrayViewFromImage(mask).max()) if mask.GetNumberOfPixels() else 0.0
         mask = sitk.Cast(mask, sitk.sitkUInt8 if top < 256 else sitk.sitkUInt16)
-    return cast_mask(mask, dtype)
+    return mask
 
 
 def cast_mask(mask: sitk.Image, dtype: Any = None) -> sitk.Image:

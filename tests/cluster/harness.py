@@ -136,6 +136,9 @@ def ensure_cluster(repo_dir: str | os.PathLike | None = None, *, timeout: float 
             _run_script([_script("install.sh")], "install.sh", timeout)
             _run_script([_script("up.sh"), repo], "up.sh", timeout)
             cluster = TestCluster.load()
+            venv = os.environ.get("HPCSEG_CLUSTER_VENV")
+            if venv:  # this checkout's own venv (up.sh built it); cluster.json names whichever up.sh ran last
+                cluster.venv, cluster.python = venv, f"{venv}/bin/python"
         except RuntimeError as e:
             _cache[repo] = e
             raise

@@ -30,7 +30,8 @@ CLUSTER_NAME=hpcseg
 PARTITION=gpu
 NGPUS=4
 NCPUS=8
-VENV=/opt/hpcseg-cluster/venv
+# HPCSEG_CLUSTER_VENV: a venv of its own for one checkout (parallel work trees share one cluster, not one venv)
+VENV=${HPCSEG_CLUSTER_VENV:-/opt/hpcseg-cluster/venv}
 SYS_PYTHON=/usr/bin/python3
 DB_PORT=3306
 DBD_PORT=6819

@@ -29,7 +29,8 @@ install -d -m 0755 /run/sshd
 install -d -m 0755 "$MFA_DIR"
 
 # ---- the cluster's Python environment: built in the background while the daemons start ---------------------
-VENV_LOG=$LOG/venv.log
+VENV_LOG=$LOG/$(basename "$VENV").log
+VENV_SHA=$STATE/$(basename "$VENV")
 (
   exec 9>&- </dev/null >"$VENV_LOG" 2>&1
   set -euo pipefail
@@ -42,7 +43,7 @@ VENV_LOG=$LOG/venv.log
   py=$VENV/bin/python
   if ! [ -x "$py" ] || ! "$py" -c 'import sys' >/dev/null 2>&1; then
     echo "creating $VENV with $SYS_PYTHON"
-    rm -rf "$VENV" "$STATE/venv.deps.sha" "$STATE/venv.src.sha"
+    rm -rf "$VENV" "$VENV_SHA.deps.sha" "$VENV_SHA.src.sha"
     install -d -m 0755 "$(dirname "$VENV")"
     "$SYS_PYTHON" -m venv "$VENV"
   fi
@@ -56,18 +57,18 @@ VENV_LOG=$LOG/venv.log
       "$py" -m pip install --no-input --no-deps --force-reinstall "$REPO_DIR"
     fi
   }
-  if [ "$(cat "$STATE/venv.deps.sha" 2>/dev/null)" != "$deps_sha" ]; then
+  if [ "$(cat "$VENV_SHA.deps.sha" 2>/dev/null)" != "$deps_sha" ]; then
     echo "installing $REPO_DIR[server] with its dependencies"
     "$py" -m pip install --no-input "${constraints[@]}" "$REPO_DIR[server]" hatchling
     reinstall_self
     (cd / && "$py" -c 'import torch, monai, hpcseg; print("torch", torch.__version__, "monai", monai.__version__, "hpcseg", hpcseg.__file__)')
-    echo "$deps_sha" >"$STATE/venv.deps.sha"
-    echo "$src_sha" >"$STATE/venv.src.sha"
-  elif [ "$(cat "$STATE/venv.src.sha" 2>/dev/null)" != "$src_sha" ]; then
+    echo "$deps_sha" >"$VENV_SHA.deps.sha"
+    echo "$src_sha" >"$VENV_SHA.src.sha"
+  elif [ "$(cat "$VENV_SHA.src.sha" 2>/dev/null)" != "$src_sha" ]; then
     echo "reinstalling the hpcseg package only (sources changed)"
     reinstall_self
     (cd / && "$py" -c 'import hpcseg; print("hpcseg", hpcseg.__file__)')
-    echo "$src_sha" >"$STATE/venv.src.sha"
+    echo "$src_sha" >"$VENV_SHA.src.sha"
   else
     echo "venv up to date"
     exit 0

@@ -109,13 +109,13 @@ def finetune(models_dir: Path, name: str, dataset: Path, *, epochs: int | None =
              device: str = "auto", seed: int = 0) -> dict[str, Any]:
     """Fine-tune the current version of ``name`` on ``dataset`` into a new version; promote it if no worse."""
     from .errors import HpcsegError
-    from .server.models import ModelManifest
+    from .server.models import read_manifest
     from .training import train
 
     base = current_folder(models_dir, name)
     if base is None:
         raise HpcsegError(f"no model {name!r} in {models_dir} and no built-in of that name")
-    base_manifest = ModelManifest.load(base)
+    base_manifest = read_manifest(base)
     root = models_dir / name
     version = reserve_version(root, base_manifest.version)
     log.info("fine-tuning %s %s (%s) on %s into version %s", name, base_manifest.version, base, dataset, version)

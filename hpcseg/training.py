@@ -42,7 +42,8 @@ import SimpleITK as sitk
 
 from hpcseg import imaging
 from hpcseg.errors import DatasetError, HpcsegError
-from hpcseg.server.models import ModelManifest, resolve_device
+from hpcseg.server.modelbase import ModelManifest, resolve_device
+from hpcseg.server.models import read_manifest
 
 log = logging.getLogger("hpcseg.training")
 
@@ -178,7 +179,7 @@ def train(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, epoch
         start_weights = None
     else:
         src = Path(model)
-        manifest = ModelManifest.load(src)
+        manifest = read_manifest(src)
         if not manifest.network or not manifest.weights:
             raise HpcsegError(f"{src}: only models with \"network\" + \"weights\" (a state_dict) can be trained")
         start_weights = src / manifest.weights

@@ -58,7 +58,7 @@ import SimpleITK as sitk
 import torch
 
 from hpcseg.errors import ModelLoadError
-from hpcseg.server.models import ModelManifest
+from hpcseg.server.modelbase import ModelManifest
 from hpcseg.server.network_models import TorchModel, build_network, is_torchscript, load_state_dict, load_torchscript
 
 log = logging.getLogger("hpcseg.server.models")

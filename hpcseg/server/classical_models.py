@@ -30,7 +30,7 @@ from scipy import ndimage
 
 from hpcseg import imaging
 from hpcseg.errors import ImageError
-from hpcseg.server.models import Model
+from hpcseg.server.modelbase import Model
 
 log = logging.getLogger("hpcseg.server.models")
 

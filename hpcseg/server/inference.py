@@ -40,7 +40,7 @@ from monai.utils import fall_back_tuple
 
 from hpcseg import imaging
 from hpcseg.errors import ImageError
-from hpcseg.server.models import ModelManifest, bad_request, resolve_device
+from hpcseg.server.modelbase import ModelManifest, bad_request, resolve_device
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 

@@ -38,7 +38,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from hpcseg.errors import ImageError
-from hpcseg.server.models import Model, bad_request
+from hpcseg.server.modelbase import Model, bad_request
 
 
 def parse_points(params: dict, key: str, image: sitk.Image, required: bool = False) -> np.ndarray:

@@ -31,7 +31,7 @@ import torch
 
 from hpcseg.errors import ModelLoadError
 from hpcseg.server.inference import segment
-from hpcseg.server.models import Model, bad_request, resolve_device
+from hpcseg.server.modelbase import Model, bad_request, resolve_device
 
 
 def is_torchscript(path: Path) -> bool:

@@ -13,7 +13,7 @@ import torch
 from hpcseg import imaging
 from hpcseg.errors import ModelLoadError, ServerError
 from hpcseg.phantoms import make_phantom
-from hpcseg.server.models import MANIFEST_NAME, ModelManifest, builtin_models_dir, load_model
+from hpcseg.server.models import MANIFEST_NAME, ModelManifest, builtin_models_dir, load_model, read_manifest
 
 BASE = {"name": "m", "version": "1", "type": "segmentation", "labels": {"hot": 1}}
 INTENSITY = {"a_min": -1000, "a_max": 1000, "b_min": 0.0, "b_max": 1.0, "clip": True}
@@ -173,7 +173,7 @@ def _bundle(folder: Path, fmt: str = "json") -> Path:
 @pytest.mark.parametrize("fmt", ["json", "yaml"])
 def test_monai_bundle_is_served_without_a_manifest(tmp_path, fmt):
     folder = _bundle(tmp_path / "tiny_bundle", fmt)
-    manifest = ModelManifest.load(folder)
+    manifest = read_manifest(folder)
     assert manifest.name == "Tiny bundle" and manifest.version == "0.2.1" and manifest.labels == {"hot": 1}
     assert manifest.spacing == [2.0, 2.0, 2.0] and manifest.extra["orientation"] == "RAS"
     assert manifest.roi_size == [16, 16, 16] and manifest.overlap == 0.5 and manifest.sw_batch_size == 2

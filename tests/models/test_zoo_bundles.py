@@ -22,7 +22,7 @@ from hpcseg import imaging
 from hpcseg.errors import ModelLoadError
 from hpcseg.phantoms import make_phantom
 from hpcseg.server import ServerSettings, create_app, inference
-from hpcseg.server.models import ModelManifest, load_model
+from hpcseg.server.models import ModelManifest, load_model, read_manifest
 
 ZOO = Path(__file__).resolve().parents[1] / "fixtures" / "zoo_bundles"
 SPLEEN, WHOLEBODY, SWIN, RENAL = ("spleen_ct_segmentation", "wholeBody_ct_segmentation",
@@ -166,7 +166,7 @@ def test_fixtures_are_the_cited_zoo_files():
 def test_manifest_follows_the_real_configs(tmp_path, name):
     folder = copy_bundle(name, tmp_path / name)
     (folder / "models" / "model.pt").write_bytes(b"")  # only its presence matters here
-    m = ModelManifest.load(folder)
+    m = read_manifest(folder)
     meta = json.loads((folder / "configs" / "metadata.json").read_text())
     channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
     assert m.labels == {v: int(k) for k, v in channel_def.items() if k != "0"}
@@ -192,7 +192,7 @@ def test_preprocessing_is_what_the_bundles_own_transforms_do(tmp_path, name):
     input is already RAS, where it does nothing; the RAS convention itself is checked below)."""
     folder = copy_bundle(name, tmp_path / name)
     (folder / "models" / "model.pt").write_bytes(b"")
-    manifest = ModelManifest.load(folder)
+    manifest = read_manifest(folder)
     image = synthetic_ct("ras")
     spacing, direction = inference.model_grid_params(manifest, image, {})
     grid = inference.to_model_space(image, spacing, direction)

@@ -17,7 +17,14 @@ What it does on purpose:
   terminal without echo), a mistyped code may be typed again (3 tries, like OpenSSH), and the time a person takes
   to type is not limited (sshd's LoginGraceTime is); with no one at the terminal the server's wish for a code is
   one clear error, never a wait;
-- keepalive every 30 s; every connect, auth and command has a bounded time (the server's part of it).
+- knows when the connection is dead: every ``keepalive`` seconds a global request that wants a reply
+  (``keepalive@openssh.com``, which sshd answers) goes out; no answer within ``keepalive`` seconds more means the
+  connection is dead even though no reset came (a laptop changing Wi-Fi, a NAT that forgot the mapping, a silent
+  firewall): the connection is closed, which ends every channel on it at once (a request in flight through the
+  tunnel fails fast instead of waiting out its read timeout), and the next use logs in again with the same
+  credentials (a one-time code is asked again only when a person is at the terminal). Opening a channel is bounded
+  too; one that times out checks the connection the same way and, if it is dead, is tried once more on a new one;
+- every connect, auth and command has a bounded time (the server's part of it).
 
 Example::
 
@@ -40,6 +47,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +61,8 @@ from .shell import Argv, Result, join
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
+KEEPALIVE = 15.0  # seconds between liveness probes, and the most a probe waits for its answer
+KEEPALIVE_REQUEST = "keepalive@openssh.com"  # OpenSSH's own; any server answers an unknown one with a failure
 CODE_TRIES = 3  # keyboard-interactive rounds a person gets for a one-time code (OpenSSH's NumberOfPasswordPrompts)
 _GCM_FIRST = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr", "aes192-ctr")
 
@@ -123,7 +133,7 @@ class SSHShell:
     def __init__(self, host: str, *, user: str | None = None, port: int | None = None,
                  identity_file: str | None = None, proxy_jump: str | None = None,
                  known_hosts: list[str | os.PathLike] | None = None, interactive: bool | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT, keepalive: int = 30,
+                 connect_timeout: float = CONNECT_TIMEOUT, keepalive: float | None = None,
                  prompt: Callable[[str, str, list[tuple[str, bool]]], list[str]] | None = None) -> None:
         self.target = resolve_target(host, user=user, port=port, identity_file=identity_file,
                                      proxy_jump=proxy_jump)
@@ -134,7 +144,11 @@ class SSHShell:
             interactive = prompt is not None or sys.stdin.isatty()
         self._interactive = interactive
         self._timeout = connect_timeout
+        if keepalive is None:
+            keepalive = float(os.environ.get("HPCSEG_SSH_KEEPALIVE") or KEEPALIVE)
         self._keepalive = keepalive
+        self.logins = 0  # connections opened (a re-login after a drop counts again): for tests and the soak bench
+        self.drops = 0  # connections found dead (no keepalive answer, a reset, a channel open that timed out)
         self._prompt = prompt or _tty_prompt
         self._transport: paramiko.Transport | None = None
         self._jump: SSHShell | None = None
@@ -155,10 +169,47 @@ class SSHShell:
         with self._lock:
             if self._transport is None or not self._transport.is_active():
                 if self._transport is not None:
-                    log.info("SSH connection to %s dropped; reconnecting", self.name)
+                    self.drops += 1
+                    log.warning("SSH connection to %s lost; logging in again", self.name)
                     self._transport.close()
+                    self._transport = None
                 self._transport = self._connect()
+                self.logins += 1
+                watchdog = threading.Thread(target=self._watch, args=(self._transport,), daemon=True,
+                                            name=f"ssh-keepalive-{self.name}")
+                watchdog.start()
             return self._transport
+
+    def alive(self, timeout: float | None = None) -> bool:
+        """Whether the connection answers a global request within ``timeout`` (default: the keepalive interval)."""
+        with self._lock:
+            transport = self._transport
+        return transport is not None and _answers(transport, self._keepalive if timeout is None else timeout)
+
+    def drop(self, transport: paramiko.Transport | None = None, why: str = "") -> None:
+        """Close the connection (``transport`` if given and still the current one): every channel on it ends now,
+        the next use logs in again."""
+        with self._lock:
+            if self._transport is None or (transport is not None and transport is not self._transport):
+                return
+            dead, self._transport = self._transport, None
+            self.drops += 1
+        log.warning("SSH connection to %s lost%s; closing it (the next request logs in again)", self.name,
+                    f" ({why})" if why else "")
+        dead.close()
+
+    def _watch(self, transport: paramiko.Transport) -> None:
+        """Keepalive that expects an answer: the connection's watchdog thread, until it is closed or dead."""
+        interval = self._keepalive
+        if interval <= 0:
+            return
+        while transport.is_active():
+            time.sleep(interval)
+            if not transport.is_active():
+                return
+            if not _answers(transport, interval):
+                self.drop(transport, f"no answer to a keepalive within {interval:g} s")
+                return
 
     def _open_socket(self) -> socket.socket | paramiko.Channel:
         t = self.target
@@ -207,7 +258,6 @@ class SSHShell:
         except BaseException:
             transport.close()
             raise
-        transport.set_keepalive(self._keepalive)
         return transport
 
     def _verify_host_key(self, transport: paramiko.Transport) -> None:
@@ -400,10 +450,7 @@ class SSHShell:
         command = join(argv)
         if env:
             command = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + command
-        try:
-            chan = self.transport.open_session(timeout=self._timeout)
-        except paramiko.SSHException as exc:
-            raise ConnectionFailed(f"cannot open a session on {self.name}: {exc}") from exc
+        chan = self._open(lambda t: t.open_session(timeout=self._timeout), "a session")
         out, err = bytearray(), bytearray()
         try:
             chan.exec_command(command)
@@ -425,9 +472,15 @@ class SSHShell:
                     break
                 if chan.closed and not chan.recv_ready():
                     break
+            transport = chan.get_transport()
+            if chan.recv_exit_status() == -1 and (transport is None or not transport.is_active()):
+                raise ConnectionFailed(f"SSH connection to the login node {self.name} lost during `{command}`",
+                                       hint="run the command again (hpcseg logs in again)")
             code = chan.recv_exit_status()
-        except (paramiko.SSHException, OSError) as exc:
-            raise ConnectionFailed(f"connection to {self.name} broke during `{command}`: {exc}") from exc
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise ConnectionFailed(f"SSH connection to the login node {self.name} lost during `{command}`: "
+                                   f"{str(exc) or type(exc).__name__}",
+                                   hint="run the command again (hpcseg logs in again)") from exc
         finally:
             chan.close()
         res = Result(command, code, out.decode(errors="replace"), err.decode(errors="replace"))
@@ -497,11 +550,34 @@ class SSHShell:
     def open_channel(self, host: str, port: int, timeout: float | None = None) -> paramiko.Channel:
         """A direct-tcpip channel from the login node to ``host:port`` (no login on that host needed)."""
         try:
-            return self.transport.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0),
-                                               timeout=timeout or self._timeout)
-        except (paramiko.SSHException, OSError) as exc:
-            raise ConnectionFailed(f"the login node {self.name} cannot open a connection to {host}:{port}: {exc}",
+            return self._open(lambda t: t.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0),
+                                                       timeout=timeout or self._timeout), f"a channel to {host}:{port}")
+        except ServerRefused as exc:
+            raise ConnectionFailed(f"the login node {self.name} cannot open a connection to {host}:{port}: "
+                                   f"{exc.args[0]}",
                                    hint="is the server job still running? (hpcseg status)") from exc
+
+    def _open(self, opener: Callable[[paramiko.Transport], paramiko.Channel], what: str) -> paramiko.Channel:
+        """Open a channel with a bounded wait; a dead connection is closed and the open tried once on a new one.
+
+        An explicit refusal from the server (``ChannelException``: nothing listens there, forwarding forbidden)
+        raises :class:`ServerRefused`; a connection lost or dead raises ConnectionFailed after the second try.
+        """
+        for attempt in (1, 2):
+            transport = self.transport
+            try:
+                return opener(transport)
+            except paramiko.ChannelException as exc:
+                raise ServerRefused(exc.text or f"refused (code {exc.code})") from exc
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                why = str(exc) or type(exc).__name__
+                if transport.is_active() and _answers(transport, min(self._keepalive or self._timeout, 5.0)):
+                    raise ConnectionFailed(f"cannot open {what} on {self.name}: {why}") from exc
+                self.drop(transport, f"opening {what}: {why}")
+                if attempt == 2:
+                    raise ConnectionFailed(f"SSH connection to the login node {self.name} lost: {why}",
+                                           hint="check your network (VPN, Wi-Fi) and run the command again") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
         with self._lock:
@@ -517,6 +593,49 @@ class SSHShell:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ServerRefused(Exception):
+    """The SSH server refused a channel (nothing listens at the target, or forwarding is not allowed)."""
+
+
+def _answers(transport: paramiko.Transport, timeout: float) -> bool:
+    """Whether ``transport`` answers a global request with want_reply within ``timeout`` seconds.
+
+    paramiko's ``global_request(wait=True)`` waits without a limit (until an answer or the transport's end), so it
+    runs in a helper thread and the wait here is bounded; a probe left waiting ends when the transport is closed.
+    Any answer counts (sshd answers an unknown request with a failure): it proves the other end reads and writes.
+    Probes of one transport take turns (paramiko keeps one pending global request per transport): a caller that
+    finds one under way waits for it within the same ``timeout``.
+    """
+    with _PROBE_LOCKS_GUARD:
+        turn = _PROBE_LOCKS.setdefault(transport, threading.Lock())
+    deadline = time.monotonic() + timeout
+    if not turn.acquire(timeout=max(0.0, timeout)):
+        return False
+    answered = threading.Event()
+
+    def ask() -> None:
+        try:
+            transport.global_request(KEEPALIVE_REQUEST, wait=True)
+            if transport.is_active():
+                answered.set()
+        except Exception as exc:  # a transport that breaks meanwhile is simply not answering
+            log.debug("keepalive probe failed: %s", exc)
+        finally:
+            turn.release()
+
+    try:
+        threading.Thread(target=ask, name="ssh-probe", daemon=True).start()
+    except BaseException:
+        turn.release()
+        raise
+    answered.wait(max(0.0, deadline - time.monotonic()))
+    return answered.is_set()
+
+
+_PROBE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROBE_LOCKS_GUARD = threading.Lock()
 
 
 def fetch_host_key(host: str, port: int | None = None,

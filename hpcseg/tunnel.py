@@ -5,7 +5,9 @@ The tunnel rides the profile's one SSH connection (a ``direct-tcpip`` channel pe
 large). It needs no SSH login on the compute node, which ``pam_slurm_adopt`` often forbids. If the SSH
 connection dropped, the next accepted connection reconnects it with the same credentials (a key or agent: no
 prompt; a one-time code would have to be typed again). The local end listens on 127.0.0.1 only, on a port the
-OS chooses.
+OS chooses. Nothing raised in its threads escapes as a traceback: paramiko's ``EOFError``/``SSHException`` from a
+connection that went away end that one forwarded connection (its HTTP client sees it closed), and
+:meth:`Tunnel.cause` says afterwards why (SSH connection lost, or the server job no longer listening).
 
 Example::
 
@@ -41,13 +43,13 @@ def _pump(sock: socket.socket, chan: Any, stop: threading.Event) -> None:
                 if not data:
                     break
                 sock.sendall(data)
-    except OSError as exc:
-        log.debug("tunnel connection ended: %s", exc)
+    except Exception as exc:  # OSError, and paramiko's EOFError/SSHException when the SSH connection went away
+        log.debug("tunnel connection ended: %s: %s", type(exc).__name__, exc)
     finally:
         for closer in (chan.close, sock.close):
             try:
                 closer()
-            except OSError:
+            except Exception:  # closing a channel of a dead transport may raise too; nothing is left to do
                 pass
 
 
@@ -101,13 +103,35 @@ class Tunnel:
             try:
                 chan = self.shell.open_channel(self.host, self.port)
             except Exception as exc:  # the error reaches the HTTP client as a closed connection
-                self.errors.append(str(exc))
+                self.errors = [*self.errors[-9:], str(exc)]
                 log.warning("tunnel: %s", exc)
                 sock.close()
                 continue
             t = threading.Thread(target=_pump, args=(sock, chan, self._stop), daemon=True)
             t.start()
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
+
+    def cause(self) -> tuple[str, str]:
+        """Why a request through this tunnel failed, checked now: ``(sentence, what to do)``.
+
+        The SSH connection not answering (or found dead since) is "SSH connection to the login node lost"; a
+        login node that refuses a channel to the server's port means the server job ended; otherwise the server
+        itself closed the connection.
+        """
+        alive = getattr(self.shell, "alive", None)
+        if alive is not None and not alive(5.0):
+            return (f"SSH connection to the login node {getattr(self.shell, 'name', '')} lost".replace("  ", " "),
+                    "check your network (VPN, Wi-Fi) and send the request again: hpcseg logs in again by itself")
+        try:
+            self.shell.open_channel(self.host, self.port).close()
+        except Exception as exc:
+            text = str(exc)
+            if "SSH connection" in text:
+                return (text, "check your network (VPN, Wi-Fi) and send the request again")
+            return (f"server job ended: nothing listens on {self.host}:{self.port} any more",
+                    "`hpcseg jobs` shows how it ended; `hpcseg connect` starts or finds a server")
+        return ("the server closed the connection before it answered",
+                "the server log (`hpcseg logs`) says why; send the request again")
 
     def close(self) -> None:
         self._stop.set()

@@ -3,8 +3,9 @@
 # Run as root. Starts no service (a temporary policy-rc.d forbids it; up.sh starts everything by hand).
 set -euo pipefail
 # libpam-modules: pam_exec/pam_unix/pam_permit for the MFA sshd's PAM service (always there on Debian; named here)
+# iptables: the network-fault tests drop one SSH connection's packets silently (tests/integration/netfaults.py)
 PKGS=(openssh-server openssh-client munge slurmctld slurmd slurm-client slurm-wlm-torque slurmdbd
-      mariadb-server mariadb-client python3-venv iproute2 util-linux libpam-modules)
+      mariadb-server mariadb-client python3-venv iproute2 util-linux libpam-modules iptables)
 
 missing=()
 installed=" $( (dpkg-query -W -f='${Package}:${Status}\n' "${PKGS[@]}" 2>/dev/null || true) | awk -F: '/install ok installed/ {printf "%s ", $1}')"

@@ -1,0 +1,77 @@
+"""SSHShell when the network really fails: a silent drop (iptables DROP of this connection only), a killed session
+(reset), a restarted login sshd. Each fault touches only this test's own connection, or is over in a second."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from hpcseg.errors import ConnectionFailed
+from hpcseg.ssh import SSHShell
+
+from . import netfaults
+
+pytestmark = [pytest.mark.cluster]
+
+
+def shell(cluster, **kw) -> SSHShell:
+    return SSHShell(cluster.host, user=cluster.user, port=cluster.port, identity_file=cluster.key_path,
+                    known_hosts=[cluster.known_hosts], interactive=False, **kw)
+
+
+@pytest.fixture
+def iptables():
+    if not netfaults.have_iptables():
+        pytest.fail("iptables is missing: tests/cluster/install.sh installs it (apt-get install iptables)",
+                    pytrace=False)
+
+
+def test_silent_drop_is_noticed_and_the_next_command_logs_in_again(cluster, iptables):
+    with shell(cluster, keepalive=1.5) as sh:
+        assert sh.run("hostname", check=True).stdout.strip()
+        assert sh.logins == 1 and sh.alive()
+        port = netfaults.local_port(sh)
+        with netfaults.blackhole(cluster, port):
+            assert not sh.alive(1.0)  # no answer: packets vanish, no reset comes
+            t0 = time.monotonic()
+            # a new command opens a channel on the dead connection: bounded wait, then a new login (new port)
+            assert sh.run("echo again", check=True).stdout.strip() == "again"
+            assert time.monotonic() - t0 < 60  # the wait was bounded (the bound itself: connect timeout, 10 s)
+            assert sh.logins == 2 and sh.drops == 1
+            assert netfaults.local_port(sh) != port
+
+
+def test_watchdog_closes_a_dead_connection_and_ends_its_channels(cluster, iptables):
+    with shell(cluster, keepalive=1.0) as sh:
+        sh.run("true", check=True)
+        port = netfaults.local_port(sh)
+        result: list[object] = []
+
+        def long_command() -> None:
+            try:
+                result.append(sh.run("sleep 30; echo finished", timeout=120))
+            except ConnectionFailed as exc:
+                result.append(exc)
+
+        t = threading.Thread(target=long_command)
+        t.start()
+        time.sleep(1.0)  # the command runs on its channel
+        with netfaults.blackhole(cluster, port):
+            t.join(20)  # the keepalive window is 2 s; the command would take 30 s
+            assert not t.is_alive(), "a command on a silently dead connection waited for the outage"
+        assert isinstance(result[0], ConnectionFailed)
+        assert "SSH connection to the login node" in str(result[0]) and "lost" in str(result[0])
+        assert sh.drops == 1
+        assert sh.run("echo back", check=True).stdout.strip() == "back" and sh.logins == 2
+
+
+def test_killed_session_reconnects_once(cluster):
+    with shell(cluster, keepalive=5) as sh:
+        sh.run("true", check=True)
+        killed = netfaults.kill_session(netfaults.local_port(sh))
+        assert killed, "ss found no sshd process for this connection"
+        # at once, while paramiko may not have seen the reset yet: the open fails, the connection is checked
+        out = sh.run("echo after-kill", check=True).stdout.strip()
+        assert out == "after-kill" and sh.logins == 2

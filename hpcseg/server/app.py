@@ -10,7 +10,9 @@ Routes (every one needs the job's token, see :mod:`hpcseg.server.auth`, except `
 ``GET /health/ready``              200 when every loadable model is loaded and warm, else 503; per-model state
 ``PUT /session/``                  upload an image once (multipart ``files``); -> ``session_id``, expiry
 ``GET|DELETE /session/{id}``       read (counters, geometry) or drop a session; unknown 404, expired 410
-``POST /infer/{model}``            MONAI Label's infer: multipart ``params`` (JSON) + ``file`` or ``?session_id=``
+``POST /infer/{model}``            MONAI Label's infer: multipart ``params`` (JSON) + ``file`` or ``?session_id=``;
+                                   header ``X-HPCSeg-Request-Id`` (the client's id) makes its progress readable
+``GET /progress/{request_id}``     a running inference's ``done``/``total`` (windows or steps), ``state``
 ``POST /reload``, ``/models/reload``  re-read the models directories (new fine-tuned versions) without a restart
 ``GET /datastore/``                MONAI Label's datastore listing: always empty (no datastore here; ``output=``
                                    ``stats`` (default), ``all`` or ``ids``)
@@ -47,6 +49,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -56,6 +59,7 @@ from fastapi.responses import JSONResponse, Response
 
 from hpcseg import __version__
 from hpcseg.errors import ImageError, ServerError
+from hpcseg.server import progress as request_progress
 from hpcseg.server import wire
 from hpcseg.server.auth import TokenAuthMiddleware, tokens_equal
 from hpcseg.server.registry import ModelRegistry
@@ -142,6 +146,13 @@ def _add_routes(app: FastAPI, rt: Runtime) -> None:
     @app.get("/info/", summary="MONAI Label's app info, plus failed/loading models and hpcseg's extras")
     async def info() -> dict[str, Any]:
         return _info(rt)
+
+    @app.get("/progress/{request_id}", summary="A running inference's progress (by the client's X-HPCSeg-Request-Id)")
+    async def get_progress(request_id: str) -> dict[str, Any]:
+        entry = rt.progress.get(request_id)
+        if entry is None:
+            raise HTTPException(404, f"no inference with request id {request_id!r} is running or just finished")
+        return entry.to_json()
 
     @app.post("/reload", summary="Re-read the models directories; load new or changed versions")
     @app.post("/models/reload", include_in_schema=False)
@@ -248,7 +259,7 @@ def _add_routes(app: FastAPI, rt: Runtime) -> None:
         names = wire.label_names(mdl, p)  # before inferring: an unknown label is a 400 now, not after a minute
         warnings = await _run_blocking(rt, wire.qa_warnings, mdl, img, gpu=False)
         t0 = time.monotonic()
-        mask = await _run_blocking(rt, mdl.infer, img, dict(p), gpu=True)
+        mask = await _infer_tracked(rt, request, model, mdl, img, p)
         t1 = time.monotonic()
         mask = wire.conform_mask(mask, img, model)
         if wire.monai_label_indices(p):  # MONAI Label's label values: its Slicer plugin maps them by position
@@ -275,6 +286,31 @@ def _add_routes(app: FastAPI, rt: Runtime) -> None:
             return Response(data, media_type=media_type, headers=headers)
         body, content_type = wire.multipart(result, data, filename, media_type)
         return Response(body, media_type=content_type, headers=headers)
+
+
+async def _infer_tracked(rt: Runtime, request: Request, name: str, mdl: Any, img: Any, p: dict[str, Any]) -> Any:
+    """``mdl.infer`` in a worker thread with a progress callback bound (see :mod:`hpcseg.server.progress`).
+
+    The entry is on ``rt.progress`` under the client's ``X-HPCSeg-Request-Id`` (or a fresh id when it sent none or
+    a malformed one), so ``GET /progress/{id}`` can follow it; checks added to it may raise to abort the request.
+    """
+    rid = request.headers.get("x-hpcseg-request-id", "")
+    if not rt.progress.valid_id(rid):
+        rid = uuid.uuid4().hex
+    entry = rt.progress.start(rid, name)
+    request.scope["hpcseg.progress"] = entry
+
+    def work() -> Any:
+        with request_progress.reporting(entry.update):
+            return mdl.infer(img, dict(p))
+
+    ok = False
+    try:
+        mask = await _run_blocking(rt, work, gpu=True)
+        ok = True
+        return mask
+    finally:
+        rt.progress.finish(entry, ok)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

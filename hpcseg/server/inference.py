@@ -40,6 +40,7 @@ from monai.utils import fall_back_tuple
 
 from hpcseg import imaging
 from hpcseg.errors import ImageError
+from hpcseg.server import progress as request_progress
 from hpcseg.server.modelbase import ModelManifest, bad_request, resolve_device
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -55,7 +56,8 @@ def sliding_window_labels(inputs: torch.Tensor, predictor: Predictor, roi_size: 
 
     Arguments mean what they mean for MONAI's ``sliding_window_inference``; ``device`` holds the slab buffers
     (default: the inputs' device), the labels come back on the CPU with shape ``spatial``. A single-channel output
-    is thresholded at ``threshold`` instead of argmax'ed. ``progress(done, total)`` is called after each batch.
+    is thresholded at ``threshold`` instead of argmax'ed. ``progress(done, total)`` (windows) is called after each
+    batch; the callback may raise to abort the request (the exception leaves this function at once).
 
     Example::
 
@@ -301,10 +303,13 @@ def window_params(manifest: ModelManifest, params: dict) -> dict[str, Any]:
 
 
 def segment(image: sitk.Image, predictor: Predictor, manifest: ModelManifest, params: dict,
-            device: str = "cpu", wanted: Sequence[int] | None = None) -> sitk.Image:
+            device: str = "cpu", wanted: Sequence[int] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> sitk.Image:
     """The whole path for a network: model grid → intensity → slab-stitched windows → labels on ``image``'s grid.
 
-    ``wanted`` label values are kept, the others set to 0 (None keeps all).
+    ``wanted`` label values are kept, the others set to 0 (None keeps all). ``progress(done, total)`` follows the
+    windows (default: the request's callback bound by :func:`hpcseg.server.progress.reporting`, if any); the
+    callback may raise to abort the request.
     """
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
         raise ImageError("the model needs a 3D single-channel image")
@@ -318,7 +323,7 @@ def segment(image: sitk.Image, predictor: Predictor, manifest: ModelManifest, pa
     with torch.inference_mode():
         labels = sliding_window_labels(x.to(dev), predictor, win["roi_size"], win["sw_batch_size"], win["overlap"],
                                        sw_device=dev, device=dev, threshold=float(manifest.extra.get("threshold", 0)),
-                                       **sw)
+                                       progress=progress or request_progress.current(), **sw)
     arr = labels.numpy().transpose(2, 1, 0)  # (Z, Y, X), contiguous: the array the slabs were written into
     if wanted is not None:
         arr = arr.copy()

@@ -20,6 +20,7 @@ from fastapi import HTTPException, Request
 from hpcseg import __version__
 from hpcseg.server import wire
 from hpcseg.server.auth import ASGIApp, Receive, Scope, Send
+from hpcseg.server.progress import ProgressBoard
 from hpcseg.server.registry import Loader, ModelEntry, ModelRegistry
 from hpcseg.server.sessions import SessionStore
 
@@ -92,6 +93,7 @@ class Runtime:
         self.cpu_slots = asyncio.Semaphore(settings.io_workers)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.inflight = 0
+        self.progress = ProgressBoard()  # inference progress by the client's X-HPCSeg-Request-Id
         self._last_activity = time.monotonic()
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:

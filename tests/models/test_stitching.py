@@ -107,6 +107,42 @@ def test_single_channel_output_is_thresholded_and_progress_is_reported():
     assert calls[-1][0] == calls[-1][1] and len(calls) > 1
 
 
+def test_a_progress_callback_that_raises_aborts_at_the_next_window_boundary():
+    seen = []
+
+    class Gone(Exception):
+        pass
+
+    def cb(done: int, total: int) -> None:
+        seen.append(done)
+        if done >= 3:
+            raise Gone("the client went away")
+
+    x = torch.randn(1, 1, 20, 20, 20)
+    windows = []
+    with pytest.raises(Gone):
+        sliding_window_labels(x, lambda w: windows.append(1) or w.clone(), (8, 8, 8), 1, 0.5, progress=cb)
+    assert seen == [1, 2, 3] and len(windows) == 3  # no window after the one that raised
+
+
+def test_segment_reports_to_the_callback_bound_to_the_request_thread():
+    import SimpleITK as sitk
+
+    from hpcseg.server import progress
+    from hpcseg.server.inference import segment
+    from hpcseg.server.modelbase import ModelManifest
+
+    manifest = ModelManifest(name="t", version="1", type="segmentation", labels={"a": 1}, roi_size=[8, 8, 8])
+    image = sitk.GetImageFromArray((torch.rand(20, 20, 20) * 100).numpy())
+    calls = []
+    with progress.reporting(lambda d, t: calls.append((d, t))):
+        segment(image, lambda w: torch.cat([torch.zeros_like(w), w], 1), manifest, {})
+    assert calls and calls[-1][0] == calls[-1][1] and calls[-1][1] > 1
+    calls.clear()
+    segment(image, lambda w: torch.cat([torch.zeros_like(w), w], 1), manifest, {})  # nothing bound: nothing called
+    assert calls == []
+
+
 def test_more_than_256_classes_gives_uint16_labels():
     x = torch.randn(1, 1, 10, 10, 10)
     w = torch.randn(300, 1, 1, 1, 1)

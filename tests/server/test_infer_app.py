@@ -154,6 +154,58 @@ def test_one_inference_at_a_time_and_503_when_shutting_down(http, phantom):
         rt.shutting_down.clear()
 
 
+def test_progress_of_a_running_inference_is_readable_and_a_check_can_abort_it(http, phantom):
+    import threading
+    import time
+
+    f = {"file": ("a.hsv", imaging.encode(phantom, imaging.CONTENT_TYPE_ZSTD), imaging.CONTENT_TYPE_ZSTD)}
+    rid = "req-" + "1" * 20
+    answers = []
+    t = threading.Thread(target=lambda: answers.append(http.post(
+        "/infer/thr?output=json", headers={**H, "X-HPCSeg-Request-Id": rid}, files=f,
+        data={"params": '{"sleep": 1.0}'})))
+    t.start()
+    seen = []
+    while t.is_alive():
+        r = http.get(f"/progress/{rid}", headers=H)
+        if r.status_code == 200:
+            seen.append(r.json())
+        time.sleep(0.05)
+    t.join()
+    assert answers[0].status_code == 200
+    running = [s for s in seen if s["state"] == "running" and 0 < s["done"] < s["total"]]
+    assert running and running[0]["total"] == 20 and running[0]["model"] == "thr"
+    last = http.get(f"/progress/{rid}", headers=H).json()
+    assert last["state"] == "done" and last["done"] == last["total"] == 20
+    assert http.get("/progress/nobody", headers=H).status_code == 404
+    assert http.get(f"/progress/{rid}").status_code == 401  # the token guards it like every route
+
+    # a check added to the entry runs at every boundary and may raise: the inference stops there
+    rid2 = "req-" + "2" * 20
+    rt = http.app.state.runtime
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) >= 2:
+            raise RuntimeError("client went away (test)")
+
+    def add_check() -> None:
+        while rt.progress.get(rid2) is None:
+            time.sleep(0.01)
+        rt.progress.get(rid2).add_check(check)
+
+    adder = threading.Thread(target=add_check)
+    adder.start()
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="client went away"):
+        http.post("/infer/thr?output=json", headers={**H, "X-HPCSeg-Request-Id": rid2}, files=f,
+                  data={"params": '{"sleep": 30}'})
+    adder.join()
+    assert time.monotonic() - t0 < 20 and len(calls) == 2  # aborted long before its 30 s (600 steps)
+    assert rt.progress.get(rid2).to_json()["state"] == "failed"
+
+
 def test_wire_helpers():
     assert wire.negotiate(f"{imaging.CONTENT_TYPE_ZSTD}, */*") == imaging.CONTENT_TYPE_ZSTD
     assert wire.negotiate("", ".nrrd") == ".nrrd"

@@ -13,12 +13,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from hpcseg.server.models import Model, bad_request
+from hpcseg.server.progress import report
 
 
 class Threshold(Model):
     """Segmentation: ``body`` above -500 HU, ``bone`` above 300 HU, with the manifest's values (1 and 2 by default).
 
-    ``params["sleep"]`` makes it slow; ``active``/``peak`` count inferences running at once (in this process).
+    ``params["sleep"]`` makes it slow (reporting progress every 50 ms, like a network's windows); ``active``/``peak``
+    count inferences running at once (in this process).
     """
 
     active = 0
@@ -36,9 +38,10 @@ class Threshold(Model):
             cls.active += 1
             cls.peak = max(cls.peak, cls.active)
         try:
-            deadline = time.monotonic() + float(params.get("sleep", 0))
-            while time.monotonic() < deadline:  # a long inference (the SIGTERM test)
+            steps = int(float(params.get("sleep", 0)) / 0.05)
+            for k in range(steps):  # a long inference (the SIGTERM and progress tests)
                 time.sleep(0.05)
+                report(k + 1, steps)
         finally:
             with cls.lock:
                 cls.active -= 1

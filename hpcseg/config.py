@@ -56,6 +56,11 @@ _WALLTIME = re.compile(r"^(?:(\d+)-)?(\d{1,3}):([0-5]\d):([0-5]\d)$")
 _MEMORY = re.compile(r"^\d+(?:[KMGT]B?)?$", re.IGNORECASE)
 _SAFE_WORD = re.compile(r"^[A-Za-z0-9._@%+=:,/~-]+$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: a value that stands on a ``#SBATCH``/``#PBS`` directive line (account, partition, gpu_type, the job name)
+DIRECTIVE_WORD = re.compile(r"^[A-Za-z0-9_./][A-Za-z0-9_.@%+=:,/-]{0,199}$")
+#: string keys that must be one line: a newline would split a job script line or an ssh argument
+_SINGLE_LINE = ("account", "partition", "gpu_type", "image", "venv", "python", "proxy_jump", "user", "work_dir",
+                "models_dir", "datasets_dir", "identity_file", "known_hosts", "template_dir", "default_model")
 
 
 def walltime_seconds(value: str) -> int:
@@ -108,6 +113,8 @@ class Profile:
     idle_timeout: int = 1800
     #: inference device on the node: auto, cuda, cpu
     device: str = "auto"
+    #: the model ``hpcseg segment`` runs without ``-m`` (else ct-body for CT-like input; see hpcseg.modelchoice)
+    default_model: str | None = None
 
     @property
     def is_local(self) -> bool:
@@ -163,16 +170,29 @@ class Profile:
             raise bad("memory", "a size like 16G, 4000M or 64GB")
         if not _WALLTIME.match(self.walltime):
             raise bad("walltime", "H:MM:SS or D-H:MM:SS, e.g. 02:00:00 or 1-00:00:00")
-        for key in ("account", "partition", "gpu_type", "image", "venv", "python", "proxy_jump"):
+        for key in _SINGLE_LINE:
             v = getattr(self, key)
-            if v is not None and (not isinstance(v, str) or "\n" in v or "\x00" in v or not v.strip()):
+            if v is not None and (not isinstance(v, str) or "\n" in v or "\r" in v or "\x00" in v or not v.strip()):
                 raise bad(key, "a non-empty single-line string")
+        check_directive_values(self)
         if self.device not in ("auto", "cuda", "cpu") and not re.match(r"^cuda:\d+$", self.device):
             raise bad("device", "auto, cuda, cuda:N or cpu")
         for key in ("modules", "binds", "extra_directives"):
             v = getattr(self, key)
             if not isinstance(v, list) or not all(isinstance(x, str) and x and "\n" not in x for x in v):
                 raise bad(key, "a list of single-line strings")
+
+
+def check_directive_values(profile: Profile) -> None:
+    """Refuse values that cannot stand on a ``#SBATCH``/``#PBS`` line, in the words job submission uses.
+
+    Called by :meth:`Profile.validate`, so ``config set``, ``config check`` and submit all refuse ``$(…)`` alike.
+    """
+    for key in ("account", "partition", "gpu_type"):
+        value = getattr(profile, key)
+        if value is not None and not DIRECTIVE_WORD.match(value):
+            raise ConfigError(f"profiles.{profile.name}.{key} = {value!r} cannot go on a scheduler directive line",
+                              hint="use letters, digits and . _ @ % + = : , / - only")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Profile)}
@@ -210,16 +230,38 @@ def profile_from_dict(name: str, data: dict[str, Any]) -> Profile:
     """A validated Profile from a TOML table."""
     if not isinstance(data, dict):
         raise ConfigError(f"profiles.{name} must be a table")
+    if data.get("scheduler", "local") == "local":  # a local profile starts from the embedded one's values
+        data = {**local_defaults(), **data}
     kwargs = {k: _coerce(name, k, v) for k, v in data.items()}
     prof = Profile(name=name, **kwargs)
     prof.validate()
     return prof
 
 
-def local_profile() -> Profile:
+def local_defaults() -> dict[str, Any]:
+    """What a ``local`` profile has unless it says otherwise: this Python, no GPU request, a data-dir work dir.
+
+    The embedded default and a local profile in the file (``config init --scheduler local``, ``config set`` on
+    the embedded default) share these, so writing the local profile down changes nothing it does.
+    """
+    return {"python": sys.executable, "gpus": 0, "work_dir": str(Path(platformdirs.user_data_dir("hpcseg")) / "work")}
+
+
+def local_profile(name: str = "local") -> Profile:
     """The embedded default: the server as a process on this machine, with this Python."""
-    return Profile(name="local", scheduler="local", python=sys.executable, gpus=0, device="auto",
-                   work_dir=str(Path(platformdirs.user_data_dir("hpcseg")) / "work"))
+    return Profile(name=name, scheduler="local", device="auto", **local_defaults())
+
+
+def editable_profile(cfg: Config, name: str | None) -> Profile:
+    """The profile ``config set`` changes: a named one from the file, or the embedded ``local`` one (which
+    ``config set`` then writes to the file with the built-in values, so it is settable like any other)."""
+    name = name or cfg.default or "local"
+    if name in cfg.profiles:
+        return cfg.profiles[name]
+    if name == "local":
+        return local_profile()
+    raise ConfigError(f"no profile {name!r} to change in {cfg.path}",
+                      hint=f"create one first: hpcseg -p {name} config init")
 
 
 def config_path() -> Path:

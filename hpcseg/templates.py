@@ -39,14 +39,13 @@ from jinja2.compiler import CodeGenerator
 from markupsafe import Markup
 
 from . import __version__
-from .config import Profile, walltime_seconds
+from .config import DIRECTIVE_WORD, Profile, walltime_seconds
 from .errors import ConfigError, TemplateError
 from .resources import resource_dir
 
 __all__ = ["Raw", "TemplateEngine", "TemplateInfo", "build_context", "sample_context", "shell_quote", "check_script"]
 
 #: a value that may stand unquoted on a directive line: no blank, quote, backslash, ``$``, ``#`` or newline
-DIRECTIVE_WORD = re.compile(r"^[A-Za-z0-9_./][A-Za-z0-9_.@%+=:,/-]{0,199}$")
 _DIRECTIVE_LINE = re.compile(r"^#(SBATCH|PBS)\b")
 _CONTROL = re.compile(r"[\x01-\x1f\x7f]")
 _CONTROL_OR_QUOTE = re.compile(r"[\x01-\x1f\x7f'\\]")
@@ -475,13 +474,8 @@ def build_context(profile: Profile, *, template: str, job_dir: str, work_dir: st
     ``~`` is resolved with ``home``. ``pbs_dialect`` overrides a profile's ``auto`` (which renders as ``pro``).
     Directive values that could not stand safely on a ``#SBATCH``/``#PBS`` line are refused here, naming the key.
     """
-    profile.validate()
+    profile.validate()  # refuses account/partition/gpu_type values no directive line can hold (as `config set` does)
     p = f"profiles.{profile.name}"
-    for key in ("account", "partition", "gpu_type"):
-        value = getattr(profile, key)
-        if value is not None and not DIRECTIVE_WORD.match(value):
-            raise ConfigError(f"{p}.{key} = {value!r} cannot go on a scheduler directive line",
-                              hint="use letters, digits and . _ @ % + = : , / - only")
     for i, d in enumerate(profile.extra_directives):
         if not d.startswith("-") or any(c in d for c in "\r\n\x00"):
             raise ConfigError(f"{p}.extra_directives[{i}] = {d!r} is not allowed: one option per entry, starting "
@@ -528,6 +522,8 @@ def build_context(profile: Profile, *, template: str, job_dir: str, work_dir: st
         "binds": binds, "container_binds": list(dict.fromkeys(auto + binds)),
         "extra_directives": list(profile.extra_directives), "device": profile.device,
         "idle_timeout": profile.idle_timeout, "models_dir": models_dir, "datasets_dir": datasets_dir,
+        # a server for this machine listens on loopback only; on a compute node the login node must reach it
+        "server_host": "127.0.0.1" if profile.scheduler == "local" else "0.0.0.0",
         "hpcseg_version": __version__, "params": params,
     }
 

@@ -67,3 +67,26 @@ def test_expected_failures_are_one_line_and_exit_1(tmp_path):
     bad.write_bytes(b"not an image")
     res = run("segment", str(bad), "-o", str(tmp_path / "o.nii.gz"), code=1)
     assert "error:" in res.output and "Traceback" not in res.output
+
+
+def _listen_addresses(port: int) -> set[str]:
+    """The addresses a socket listens on at ``port``, read from the kernel (/proc/net/tcp, tcp6): what `ss` shows."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            for line in fh.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, hexport = local.split(":")
+                if state == "0A" and int(hexport, 16) == port:  # 0A = LISTEN
+                    found.add({"0100007F": "127.0.0.1", "00000000": "0.0.0.0"}.get(addr, addr))
+    return found
+
+
+def test_the_local_server_listens_on_loopback_only():
+    """Issue 13, point 2: a server meant for this machine must not be reachable from the network."""
+    ready = json.loads(run("submit", "--json").output)
+    try:
+        assert ready["ready"] is True
+        assert _listen_addresses(int(ready["port"])) == {"127.0.0.1"}
+    finally:
+        run("stop", "--json")

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from hpcseg.config import Config, load_config, local_profile, profile_from_dict, set_value, walltime_seconds
+from hpcseg.config import (
+    Config,
+    Profile,
+    load_config,
+    local_profile,
+    profile_from_dict,
+    set_value,
+    walltime_seconds,
+)
 from hpcseg.errors import ConfigError
 
 
@@ -84,3 +94,63 @@ def test_local_profile_uses_this_python():
     import sys
 
     assert local_profile().python == sys.executable
+
+
+# --- issue 13, point 3: values that can never work are refused when set, in the words submit uses -------------------
+@pytest.mark.parametrize("key, value", [("account", "$(touch /tmp/x)"), ("partition", "gpu;rm"),
+                                        ("gpu_type", "a100 b")])
+def test_directive_values_refused_at_set_in_submits_words(key, value):
+    from hpcseg.templates import build_context
+
+    prof = profile_from_dict("c", {"scheduler": "slurm", "host": "login"})
+    with pytest.raises(ConfigError) as at_set:
+        set_value(prof, key, value)
+    assert "cannot go on a scheduler directive line" in at_set.value.message
+    bad = Profile(**{**prof.__dict__, key: value})  # as a hand-edited file would hold it
+    with pytest.raises(ConfigError) as at_submit:
+        build_context(bad, template="run", job_dir="/h/j", work_dir="/h", job_name="x", params={"command": ["true"]})
+    assert at_submit.value.message == at_set.value.message and at_submit.value.hint == at_set.value.hint
+
+
+@pytest.mark.parametrize("key", ["work_dir", "models_dir", "datasets_dir", "user", "identity_file", "template_dir"])
+def test_newlines_refused_at_set(key):
+    prof = profile_from_dict("c", {"scheduler": "slurm", "host": "login"})
+    with pytest.raises(ConfigError, match=f"profiles.c.{key} = .* single-line"):
+        set_value(prof, key, "/home/a\nb")
+
+
+# --- issue 13, point 6: the local profile is settable like any other, with the built-in defaults -------------------
+def test_config_init_local_writes_the_builtin_local_values(tmp_path):
+    written = profile_from_dict("mine", {"scheduler": "local"})
+    builtin = local_profile()
+    for key in ("python", "gpus", "work_dir", "device", "container_runtime"):
+        assert getattr(written, key) == getattr(builtin, key), key
+
+
+def test_config_set_on_the_embedded_default_writes_a_local_profile(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from hpcseg.cli import main
+
+    monkeypatch.setenv("HPCSEG_CONFIG", str(tmp_path / "config.toml"))
+    monkeypatch.delenv("HPCSEG_PROFILE", raising=False)
+    res = CliRunner().invoke(main, ["config", "set", "models_dir", str(tmp_path / "m")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    cfg = load_config(tmp_path / "config.toml")
+    prof = cfg.profile()
+    assert prof.name == "local" and prof.models_dir == str(tmp_path / "m")
+    builtin = local_profile()
+    assert (prof.python, prof.gpus, prof.work_dir) == (builtin.python, builtin.gpus, builtin.work_dir)
+    shown = CliRunner().invoke(main, ["config", "show", "--json"], catch_exceptions=False)
+    assert json.loads(shown.output)["models_dir"] == str(tmp_path / "m")
+
+
+def test_config_show_says_where_the_local_defaults_models_are(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from hpcseg.cli import main
+
+    monkeypatch.setenv("HPCSEG_CONFIG", str(tmp_path / "config.toml"))
+    monkeypatch.delenv("HPCSEG_PROFILE", raising=False)
+    out = CliRunner().invoke(main, ["config", "show"], catch_exceptions=False).output
+    assert f"models_dir = {local_profile().models_path!r}" in out and "built-in models in" in out

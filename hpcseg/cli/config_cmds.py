@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import click
 
-from ..config import Profile, config_path, profile_from_dict, set_value
+from ..config import Profile, config_path, editable_profile, profile_from_dict, set_value
 from ..errors import ConfigError, HpcsegError, UnknownHostKey
 from . import main
 from .common import Ctx, emit_json, json_option, pass_ctx
@@ -67,7 +68,8 @@ def config_show(ctx: Ctx, as_json: bool) -> None:
     """Show the profile in use (and where the config file is)."""
     prof = ctx.profile
     data = {"config_file": str(ctx.config.path or config_path()), "default": ctx.config.default,
-            "profiles": sorted(ctx.config.profiles), "profile": prof.name, **prof.to_dict()}
+            "profiles": sorted(ctx.config.profiles), "profile": prof.name, **prof.to_dict(),
+            **_where_models_are(prof)}
     if as_json:
         emit_json(data)
         return
@@ -76,6 +78,16 @@ def config_show(ctx: Ctx, as_json: bool) -> None:
     click.echo(f"[profiles.{prof.name}]")
     for k, v in prof.to_dict().items():
         click.echo(f"{k} = {v!r}")
+    if prof.models_dir is None:
+        click.echo(f"# models_dir = {data['models_dir']!r}  (not set: work_dir/models; "
+                   "hpcseg config set models_dir DIR changes it)")
+    click.echo(f"# served: models_dir, then the built-in models in {data['builtin_models_dir']}")
+
+
+def _where_models_are(prof: Profile) -> dict[str, str]:
+    """The models dir the profile's server reads (set or derived from work_dir) and the built-in models' dir."""
+    builtin = Path(__file__).resolve().parent.parent / "models"  # = server.modelbase.builtin_models_dir(), no numpy
+    return {"models_dir": prof.models_path, "builtin_models_dir": str(builtin)}
 
 
 @config.command("set")
@@ -85,11 +97,9 @@ def config_show(ctx: Ctx, as_json: bool) -> None:
 def config_set(ctx: Ctx, key: str, value: str) -> None:
     """Set one KEY of the profile to VALUE (lists: comma-separated; empty string unsets)."""
     cfg = ctx.config
-    name = ctx.profile_name or cfg.default
-    if not name or name not in cfg.profiles:
-        raise ConfigError(f"no profile {name or '(default)'!r} to change in {cfg.path}",
-                          hint="create one first: hpcseg -p NAME config init")
-    cfg.set_profile(set_value(cfg.profiles[name], key, value))
+    prof = set_value(editable_profile(cfg, ctx.profile_name), key, value)
+    name = prof.name
+    cfg.set_profile(prof)
     cfg.save()
     click.echo(f"profiles.{name}.{key} = {getattr(cfg.profiles[name], key)!r}")
 

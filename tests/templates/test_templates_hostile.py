@@ -148,7 +148,7 @@ def test_server_command_line_reaches_the_program_word_for_word(tmp_path):
     assert res.exit_code == 0, res.stderr
     assert res.stdout.split("\0")[:-1] == [
         "-m", "hpcseg.server", "--models-dir", str(models), "--connection-file", f"{job_dir}/connection.json",
-        "--host", "0.0.0.0", "--port", "0", "--idle-timeout", "600", "--device", "cuda:1",
+        "--host", "127.0.0.1", "--port", "0", "--idle-timeout", "600", "--device", "cuda:1",  # local: loopback only
         "--log-file", f"{job_dir}/server.log"]
     assert models.is_dir() and not (job_dir / "connection.json").exists()  # removed on exit
     assert canaries(tmp_path) == []

@@ -76,7 +76,7 @@ mkdir -p -- /home/alice/.hpcseg/models 2>/dev/null || :
 _hpcseg_run /usr/bin/python3 -m hpcseg.server \
     --models-dir /home/alice/.hpcseg/models \
     --connection-file "$HPCSEG_JOB_DIR/connection.json" \
-    --host 0.0.0.0 --port 0 \
+    --host 127.0.0.1 --port 0 \
     --idle-timeout 0 \
     --device cpu \
     --log-file "$HPCSEG_JOB_DIR/server.log"

@@ -20,3 +20,6 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.delenv("HPCSEG_PROFILE", raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     return tmp_path
+
+
+REPO = MODULE_DIR.parents[1]

@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from HPCSegLib import dependencies
-from HPCSegLib.geometry import (
+
+from hpcseg.errors import ConfigError
+from hpcseg.imaging import same_geometry
+from hpcseg.schedulers import JobState, JobStatus
+from hpcseg.worker.geometry import (
     VolumeArray,
     array_from_image,
     geometry_from_matrix,
@@ -23,11 +27,6 @@ from HPCSegLib.geometry import (
     ras_to_ijk,
     voxel_indices,
 )
-from HPCSegLib.tasks import BackgroundRunner
-
-from hpcseg.errors import ConfigError
-from hpcseg.imaging import same_geometry
-from hpcseg.schedulers import JobState, JobStatus
 
 from .conftest import MODULE_DIR
 
@@ -68,13 +67,13 @@ def _imports(path: Path) -> set[str]:
 
 def test_hpcseglib_never_imports_slicer_qt_ctk_or_vtk():
     files = sorted((MODULE_DIR / "HPCSegLib").glob("*.py"))
-    assert {f.name for f in files} >= {"__init__.py", "dependencies.py", "geometry.py", "session.py", "status.py"}
+    assert {f.name for f in files} >= {"__init__.py", "dependencies.py", "profiles.py", "settingspage.py", "worker.py"}
     for f in files:
         bad = _imports(f) & (FORBIDDEN | {"<dynamic>"})
         assert not bad, f"{f.name} imports {sorted(bad)}"
-    # these two run before hpcseg is installed: the standard library (and packaging, which Slicer ships) only
-    for name in ("dependencies.py", "tasks.py"):
-        assert not _imports(MODULE_DIR / "HPCSegLib" / name) & {"hpcseg", "numpy", "SimpleITK"}, name
+    # these run before hpcseg is installed: the standard library (and packaging and numpy, which Slicer ships)
+    for name in ("dependencies.py", "worker.py", "settingspage.py"):
+        assert not _imports(MODULE_DIR / "HPCSegLib" / name) & {"hpcseg", "SimpleITK"}, name
 
 
 def test_only_the_module_file_sits_at_the_top_of_the_module_folder():
@@ -162,7 +161,7 @@ def test_every_job_state_has_its_words():
 
 @pytest.mark.parametrize("state", list(JobState), ids=lambda s: s.value)
 def test_status_text_shows_both_axes_for_each_job_state(state):
-    from HPCSegLib.status import ServerState, StatusSnapshot, next_poll_delay
+    from hpcseg.worker.status import ServerState, StatusSnapshot, next_poll_delay
 
     server = {JobState.PENDING: ServerState.NOT_STARTED, JobState.RUNNING: ServerState.READY,
               JobState.COMPLETING: ServerState.STARTING, JobState.UNKNOWN: ServerState.UNKNOWN}.get(
@@ -181,7 +180,7 @@ def test_status_text_shows_both_axes_for_each_job_state(state):
 def test_status_details():
     from datetime import datetime
 
-    from HPCSegLib.status import ServerState, StatusSnapshot
+    from hpcseg.worker.status import ServerState, StatusSnapshot
 
     queued = JobStatus("7", JobState.PENDING, reason="Priority", expected_start=datetime(2026, 1, 2, 14, 5))
     assert StatusSnapshot(queued, ServerState.NOT_STARTED).text == \
@@ -195,7 +194,10 @@ def test_status_details():
 
 
 def test_error_text_for_dialogs():
-    from HPCSegLib.tasks import Cancelled, error_text
+    from HPCSegLib.worker import WorkerError, error_text
+
+    from hpcseg.worker.service import error_payload
+    from hpcseg.worker.session import Cancelled
 
     message, details = error_text(ConfigError("profiles.x.walltime = '2h' is not allowed", hint="use H:MM:SS"))
     assert "walltime" in message and "Hint: use H:MM:SS" in message and details == ""
@@ -205,7 +207,15 @@ def test_error_text_for_dialogs():
         message, details = error_text(exc)
     assert message.startswith("Unexpected error: KeyError") and "Traceback" in details
     assert error_text(ValueError("place at least one foreground point")) == ("place at least one foreground point", "")
-    assert error_text(Cancelled("stopped")) == ("", "")  # the user stopped it: no dialog
+    assert error_text(WorkerError(**error_payload(Cancelled("stopped")))) == ("", "")  # the user stopped it
+    # through the worker: hpcseg's sentence and hint; details (a "Show Details" button) only for a bug
+    err = WorkerError(**error_payload(ConfigError("profiles.x.walltime = '2h' is not allowed", hint="use H:MM:SS")))
+    assert error_text(err) == ("profiles.x.walltime = '2h' is not allowed\n\nHint: use H:MM:SS", "")
+    try:
+        {}["boom"]
+    except KeyError as exc:
+        message, details = error_text(WorkerError(**error_payload(exc)))
+    assert message.startswith("unexpected error: KeyError") and "Traceback" in details
 
 
 # -------------------------------------------------------------------------------------------------- dependencies
@@ -242,30 +252,6 @@ def test_python_and_server_extras_checks():
     assert dependencies.server_extras_needed("local", sys.executable)
     assert not dependencies.server_extras_needed("slurm", sys.executable)
     assert not dependencies.server_extras_needed("local", "/opt/other-env/bin/python3")
-
-
-# ---------------------------------------------------------------------------------------------------------- tasks
-def test_background_runner_delivers_on_the_draining_thread():
-    runner = BackgroundRunner()
-    gate, seen = threading.Event(), []
-    try:
-        assert runner.submit("action", lambda x: (gate.wait(5), x * 2)[1], 21,
-                             on_done=lambda r: seen.append(("done", r, threading.get_ident())))
-        assert runner.busy("action") and runner.busy() and not runner.busy("poll")
-        assert not runner.submit("action", lambda: None)  # one call per lane at a time
-        assert runner.submit("poll", lambda: 1 / 0, on_error=lambda e: seen.append(("error", type(e).__name__)))
-        runner.post(seen.append, ("progress",))
-        gate.set()
-        deadline = time.monotonic() + 5
-        while len(seen) < 3 and time.monotonic() < deadline:
-            runner.drain()
-            time.sleep(0.01)
-        assert ("done", 42, threading.get_ident()) in seen
-        assert ("error", "ZeroDivisionError") in seen and ("progress",) in seen
-        assert not runner.busy()
-    finally:
-        runner.shutdown()
-    assert not runner.submit("action", lambda: None)
 
 
 # ------------------------------------------------------------------------------------------------------ profiles
@@ -305,13 +291,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_segmentation_session_end_to_end_on_the_local_server(isolated):
-    from HPCSegLib.session import EXTREME_POINTS, SegmentationSession
-    from HPCSegLib.status import ServerState
-
     from hpcseg.config import local_profile
     from hpcseg.jobs import JobManager
     from hpcseg.phantoms import make_phantom
     from hpcseg.serverjobs import stop_servers
+    from hpcseg.worker.session import EXTREME_POINTS, SegmentationSession
+    from hpcseg.worker.status import ServerState
 
     profile = local_profile()
     image, truth_img, names = make_phantom(5, shape=(48, 48, 32))
@@ -382,7 +367,7 @@ def test_segmentation_session_end_to_end_on_the_local_server(isolated):
 
 
 def test_label_values_and_merge():
-    from HPCSegLib.session import label_values, merge_segments, models_by_type
+    from hpcseg.worker.session import label_values, merge_segments, models_by_type
 
     assert label_values(["lungs", "tumour", "body"], {"body": 1, "lungs": 2}) == {"lungs": 2, "tumour": 1 + 2,
                                                                                   "body": 1}
@@ -398,30 +383,32 @@ def test_label_values_and_merge():
 
 def test_stop_while_connecting_cancels_quietly(isolated):
     """Stop pressed while Connect waits for the job: the job is cancelled and the wait ends as Cancelled."""
-    from HPCSegLib.session import SegmentationSession
-    from HPCSegLib.status import ServerState
-    from HPCSegLib.tasks import Cancelled
-
     from hpcseg.config import local_profile
     from hpcseg.jobs import JobManager
     from hpcseg.serverjobs import stop_servers
+    from hpcseg.worker.session import Cancelled, SegmentationSession
+    from hpcseg.worker.status import ServerState
 
     profile = local_profile()
     session = SegmentationSession(profile, timeout=120)
-    runner = BackgroundRunner()
     outcome: list[object] = []
+
+    def connect() -> None:
+        try:
+            outcome.append(session.connect())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=connect, daemon=True)  # in the worker, Connect runs on its action lane
     try:
-        assert runner.submit("action", session.connect, on_done=outcome.append, on_error=outcome.append)
+        thread.start()
         deadline = time.monotonic() + 30
         while session.poll().server is ServerState.NO_JOB and time.monotonic() < deadline:
             time.sleep(0.05)  # until the job is submitted
         stopped = session.stop()
         assert len(stopped) == 1
-        while not outcome and time.monotonic() < deadline:
-            runner.drain()
-            time.sleep(0.05)
+        thread.join(30)
         assert len(outcome) == 1 and isinstance(outcome[0], Cancelled), outcome
         assert not session.connected
     finally:
-        runner.shutdown()
         stop_servers(JobManager(profile))

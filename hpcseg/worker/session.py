@@ -1,11 +1,11 @@
-"""SegmentationSession: what the Slicer module does with a server, as blocking calls on plain data.
+"""SegmentationSession: what the Slicer module asks of a server, as blocking calls on plain data (in the worker).
 
 One object per profile holds the :class:`hpcseg.serverjobs.ServerConnection` (a server job found or started, the
 tunnel, the HTTP client) and the id of the image session on the server, so interactive clicks send only points:
 the image goes up once per volume (and again only if the server forgot it). Images travel as
-:class:`~HPCSegLib.geometry.VolumeArray` (numpy + IJK-to-RAS), points as RAS, results come back as
-:class:`Segmentation` (a label array on the volume's grid and the label names). Every method blocks; the widget
-calls them through :class:`~HPCSegLib.tasks.BackgroundRunner`. Two lanes may call at once: actions (one at a
+:class:`~hpcseg.worker.geometry.VolumeArray` (numpy + IJK-to-RAS), points as RAS, results come back as
+:class:`Segmentation` (a label array on the volume's grid and the label names). Every method blocks; the worker
+process (:mod:`hpcseg.worker.service`) calls them on its lanes. Two lanes may call at once: actions (one at a
 time) and :meth:`poll`/:meth:`stop`, which never share the action's HTTP client.
 
 Example::
@@ -24,30 +24,33 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
-from hpcseg import imaging
-from hpcseg.client import InferResult, ServerClient, Timeouts
-from hpcseg.config import Profile
-from hpcseg.datasets import DatasetUploader, UploadResult
-from hpcseg.errors import HpcsegError, ServerError
-from hpcseg.jobs import JobManager, JobRecord
-from hpcseg.schedulers import JobState
-from hpcseg.serverjobs import ServerConnection, read_connection, stop_servers
-
+from .. import imaging
+from ..client import InferResult, ServerClient, Timeouts
+from ..config import Profile
+from ..datasets import DatasetUploader, UploadResult
+from ..errors import HpcsegError, ServerError
+from ..jobs import JobManager, JobRecord
+from ..schedulers import JobState
+from ..serverjobs import ServerConnection, read_connection, stop_servers
 from .geometry import VolumeArray
 from .status import ServerState, StatusSnapshot
-from .tasks import Cancelled
 
 #: extreme points DEXTR3D-style: the six outermost points of the object (left, right, front, back, top, bottom)
 EXTREME_POINTS = 6
 SEGMENTATION_TYPES = ("segmentation",)
 CLICK_TYPES = ("deepgrow",)
 EXTREME_TYPES = ("dextr3d",)
+
+
+class Cancelled(Exception):
+    """A call ended because the user stopped what it waited for: nothing to report as an error."""
 
 
 @dataclass
@@ -115,7 +118,7 @@ class SegmentationSession:
         self.profile = profile
         self.jobs = jobs or JobManager(profile)
         self._progress = progress
-        self._timeout = timeout
+        self.timeout = timeout
         self._lock = threading.RLock()  # guards the fields below between the action, poll and stop lanes
         self._conn: ServerConnection | None = None
         self._poll_client: ServerClient | None = None
@@ -143,6 +146,11 @@ class SegmentationSession:
         return self._conn.client  # type: ignore[union-attr]
 
     @property
+    def url(self) -> str:
+        """The server's local URL (through the tunnel), or "" when not connected."""
+        return self._conn.url if self.connected else ""  # type: ignore[union-attr]
+
+    @property
     def job_id(self) -> str:
         return self._conn.record.job_id if self.connected and self._conn.record else ""
 
@@ -151,7 +159,7 @@ class SegmentationSession:
         if self.connected:
             return self.refresh_models()
         self._stop_requested = False
-        conn = ServerConnection(self.profile, jobs=self.jobs, start=start, timeout=self._timeout,
+        conn = ServerConnection(self.profile, jobs=self.jobs, start=start, timeout=self.timeout,
                                 progress=self._progress)
         try:
             conn.open()
@@ -310,6 +318,27 @@ class SegmentationSession:
         self._stop_requested = True
         self._forget_connection()
         return stop_servers(self.jobs)
+
+    def abandon(self, since: datetime) -> list[str]:
+        """Cancel the server jobs this client submitted at or after ``since`` that are not ready yet.
+
+        What quitting does with a server job nobody will wait for any more: one still queued or starting is
+        cancelled (no orphan in the queue); the one this session is connected to (ready) keeps serving until its
+        idle timeout, as after ``hpcseg connect``.
+        """
+        keep = self.job_id
+        ids = []
+        for rec in self.jobs.store.list(self.profile.name):
+            try:
+                created = datetime.fromisoformat(rec.created)
+            except ValueError:
+                continue
+            if (rec.template == "server" and rec.job_id != keep and not JobState(rec.last_state).terminal
+                    and not rec.extra.get("cancelled") and created >= since):
+                ids.append(rec.job_id)
+        if ids:
+            self.jobs.cancel(ids, quiet=True)
+        return ids
 
     def _forget_connection(self) -> None:
         with self._lock:

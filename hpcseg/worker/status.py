@@ -20,8 +20,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from hpcseg.schedulers import JobState, JobStatus
-from hpcseg.serverjobs import describe_wait
+from ..schedulers import JobState, JobStatus
+from ..serverjobs import describe_wait
 
 
 class ServerState(str, enum.Enum):

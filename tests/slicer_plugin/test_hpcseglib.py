@@ -248,10 +248,12 @@ def test_unmet_decides_whether_pip_must_run():
 def test_python_and_server_extras_checks():
     assert dependencies.python_problem((3, 12, 1)) is None
     problem = dependencies.python_problem((3, 9, 10))
-    assert "3.9" in problem and "3.10" in problem and "Slicer 5.8" in problem
+    assert "Python 3.9" in problem and "Slicer 5.10 or newer" in problem
     assert dependencies.server_extras_needed("local", sys.executable)
     assert not dependencies.server_extras_needed("slurm", sys.executable)
     assert not dependencies.server_extras_needed("local", "/opt/other-env/bin/python3")
+    # the embedded local profile read in the worker names the worker's Python (Slicer's PythonSlicer)
+    assert dependencies.server_extras_needed("local", "/usr/bin/python3", worker_python="/usr/bin/python3")
 
 
 # ------------------------------------------------------------------------------------------------------ profiles

@@ -3,13 +3,13 @@
 The module file ``HPCSeg.py`` only wires Slicer's widgets and nodes to these modules, so pytest covers what the
 plugin does without a Slicer (``tests/slicer_plugin/``)::
 
-    dependencies  is hpcseg installed (and new enough)? what to hand to ``slicer.packaging.pip_ensure``
-    geometry      numpy array + IJK-to-RAS matrix <-> SimpleITK image (LPS); RAS points -> voxel indices
-    tasks         blocking calls on worker threads, results delivered on the GUI thread (never blocks it)
-    status        the status line from the two axes: job state (scheduler) and server state (readiness)
-    profiles      the profile form of the settings panel, read from and written to hpcseg's config file
-    session       SegmentationSession: a server connection, an image session, segment / clicks / upload
+    dependencies  which Slicer (5.10+) and pip route; is hpcseg importable now; what to hand to pip
+    worker        WorkerClient: the hpcseg worker process, driven by call() + pump() from a QTimer (no threads)
+    settingspage  Application Settings → HPCSeg without its widgets (enables itself after an install)
+    profiles      the profile form of the settings page, read from and written to hpcseg's config file
 
-Only ``dependencies`` and ``tasks`` import nothing beyond the standard library (and ``packaging``, which Slicer
-ships), so they work before hpcseg is installed; import the others after the dependency check.
+What the module asks of a server (sessions, geometry, the two-axis status line) is in hpcseg itself
+(``hpcseg.worker``), run in the worker process. ``dependencies``, ``worker`` and ``settingspage`` need only the
+standard library, ``packaging`` and numpy (Slicer ships both), so they work before hpcseg is installed;
+``profiles`` imports hpcseg: import it after the dependency check.
 """

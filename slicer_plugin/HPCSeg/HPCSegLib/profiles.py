@@ -76,6 +76,12 @@ def profile_names(path: Path | None = None) -> tuple[list[str], str]:
     return names, cfg.default or "local"
 
 
+def new_profile_form(name: str) -> ProfileForm:
+    """A profile not in the config file yet, with every field at its default."""
+    prof = Profile(name=name)
+    return ProfileForm(name, {f.key: to_text(getattr(prof, f.key)) for f in form_fields()})
+
+
 @dataclass
 class ProfileForm:
     """A profile as the form shows it: every field as text."""

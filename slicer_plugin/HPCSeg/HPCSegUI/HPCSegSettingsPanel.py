@@ -1,22 +1,39 @@
-"""Application Settings → HPCSeg: where pip gets hpcseg, and the profiles of hpcseg's own config file.
+"""Application Settings → HPCSeg: the widgets of the page; what it shows and does is ``HPCSegLib.settingspage``.
 
-A ``ctkSettingsPanel`` as ExtensionWizard's SettingsPanel is, added to the settings dialog on ``startupCompleted``.
-The install source is a Slicer setting (``registerProperty``, kept in Slicer's settings file). The profile fields
-are not: they are read from and written to hpcseg's TOML config file through ``HPCSegLib.profiles`` (hpcseg.config),
-the same file the ``hpcseg`` command uses, so a profile made here works at the command line and the reverse.
+A ``ctkSettingsPanel`` as ExtensionWizard's SettingsPanel is, added to the settings dialog on ``startupCompleted``
+and held by the module object. Two Slicer settings (``registerProperty``, kept in Slicer's settings file): where
+pip installs hpcseg from, and the worker's Python. The profile fields are hpcseg's own config file, through the
+page logic. The page redraws itself whenever it is shown (an event filter, as SampleData uses one) and when the
+module has just installed hpcseg, so it enables itself without a restart.
 """
 
 from __future__ import annotations
 
 import ctk
 import qt
+from HPCSegLib.settingspage import SettingsPageLogic
 
 SETTINGS_SOURCE = "HPCSeg/InstallSource"
+SETTINGS_PYTHON = "HPCSeg/WorkerPython"
+
+
+class _ShowFilter(qt.QObject):
+    """Calls back when the watched widget is shown."""
+
+    def __init__(self, callback):
+        qt.QObject.__init__(self)
+        self.callback = callback
+
+    def eventFilter(self, obj, event):
+        if event.type() == qt.QEvent.Show:
+            self.callback()
+        return False
 
 
 class HPCSegSettingsPanel(ctk.ctkSettingsPanel):
     def __init__(self, *args, **kwargs):
         ctk.ctkSettingsPanel.__init__(self, *args, **kwargs)
+        self.logic = SettingsPageLogic()
         self.editors = {}
         layout = qt.QFormLayout(self)
         self.sourceEdit = qt.QLineEdit()
@@ -25,38 +42,51 @@ class HPCSegSettingsPanel(ctk.ctkSettingsPanel):
         layout.addRow("Install hpcseg from:", self.sourceEdit)
         self.registerProperty(SETTINGS_SOURCE, self.sourceEdit, "text", str(qt.SIGNAL("textChanged(QString)")),
                               "Where pip installs hpcseg from")
+        self.pythonEdit = qt.QLineEdit()
+        self.pythonEdit.placeholderText = "automatic: Slicer's PythonSlicer"
+        self.pythonEdit.toolTip = "The Python that runs the hpcseg worker (it must have hpcseg installed)"
+        layout.addRow("Worker Python:", self.pythonEdit)
+        self.registerProperty(SETTINGS_PYTHON, self.pythonEdit, "text", str(qt.SIGNAL("textChanged(QString)")),
+                              "The Python that runs the hpcseg worker")
 
         self.profileBox = qt.QComboBox()
         self.profileBox.editable = True  # type a new name to make a profile
         self.profileBox.toolTip = "Pick a profile to edit, or type a new name and press Load"
-        loadButton = qt.QPushButton("Load")
-        loadButton.connect("clicked(bool)", lambda *a: self.loadProfile())
+        self.loadButton = qt.QPushButton("Load")
+        self.loadButton.connect("clicked(bool)", self.onLoad)
         row = qt.QHBoxLayout()
         row.addWidget(self.profileBox, 1)
-        row.addWidget(loadButton)
+        row.addWidget(self.loadButton)
         layout.addRow("Profile:", row)
         self.fields = qt.QGroupBox("Profile (saved in hpcseg's config file, shared with the hpcseg command)")
         self.fieldsLayout = qt.QFormLayout(self.fields)
         layout.addRow(self.fields)
         self.defaultCheck = qt.QCheckBox("Make it the default profile")
-        saveButton = qt.QPushButton("Save profile")
-        saveButton.connect("clicked(bool)", lambda *a: self.saveProfile())
-        layout.addRow(self.defaultCheck, saveButton)
+        self.saveButton = qt.QPushButton("Save profile")
+        self.saveButton.connect("clicked(bool)", self.onSave)
+        layout.addRow(self.defaultCheck, self.saveButton)
         self.message = qt.QLabel()
         self.message.wordWrap = True
         layout.addRow(self.message)
-        self.reload()
+        self.showFilter = _ShowFilter(self.refresh)
+        self.installEventFilter(self.showFilter)
+        self.refresh()
 
-    def reload(self):
-        """Fill the profile list and the form, if hpcseg is installed (the module installs it on first use)."""
-        try:
-            from HPCSegLib.profiles import form_fields, profile_names
-        except ImportError:
-            self.fields.enabled = False
-            self.message.text = "hpcseg is not installed yet: open the HPCSeg module once, then reopen this page."
-            return
-        if not self.editors:
-            for f in form_fields():
+    # --- the logic's answers, drawn -------------------------------------------------------------------------
+    def refresh(self):
+        """Look again (hpcseg installed now? profiles added at the command line?) and redraw."""
+        self.draw(self.logic.refresh())
+
+    def onLoad(self, *args):
+        self.draw(self.logic.load(self.profileBox.currentText))
+
+    def onSave(self, *args):
+        values = {key: (e.currentText if isinstance(e, qt.QComboBox) else e.text) for key, e in self.editors.items()}
+        self.draw(self.logic.save(self.profileBox.currentText, values, self.defaultCheck.checked))
+
+    def draw(self, state):
+        for f in state.fields:
+            if f.key not in self.editors:
                 editor = qt.QComboBox() if f.choices else qt.QLineEdit()
                 if f.choices:
                     editor.addItems(list(f.choices))
@@ -65,48 +95,19 @@ class HPCSegSettingsPanel(ctk.ctkSettingsPanel):
                 editor.toolTip = f.help
                 self.fieldsLayout.addRow(f.label + ":", editor)
                 self.editors[f.key] = editor
-        try:
-            names, default = profile_names()
-        except Exception as exc:  # a broken config file: say where and why, keep the page usable
-            self._say(exc)
-            return
-        self.profileBox.clear()
-        self.profileBox.addItems(names)
-        self.profileBox.currentIndex = names.index(default) if default in names else 0
-        self.fields.enabled = True
-        self.loadProfile()
-
-    def loadProfile(self):
-        from HPCSegLib.profiles import ProfileForm
-
-        try:
-            form = ProfileForm.load(self.profileBox.currentText.strip() or "local")
-        except Exception as exc:
-            self._say(exc)
-            return
         for key, editor in self.editors.items():
+            value = state.values.get(key, "")
             if isinstance(editor, qt.QComboBox):
-                editor.currentIndex = max(0, editor.findText(form.values.get(key, "")))
+                editor.currentIndex = max(0, editor.findText(value))
             else:
-                editor.text = form.values.get(key, "")
-        self._say(f"{form.name} from {form.path}")
-
-    def saveProfile(self):
-        from HPCSegLib.profiles import ProfileForm
-
-        values = {key: (e.currentText if isinstance(e, qt.QComboBox) else e.text) for key, e in self.editors.items()}
-        form = ProfileForm(self.profileBox.currentText.strip(), values)
-        try:
-            path = form.save(make_default=self.defaultCheck.checked)
-        except Exception as exc:  # a wrong value: the message names the key and what is allowed
-            self._say(exc)
-            return
-        self._say(f"saved profile {form.name} to {path}")
-
-    def _say(self, what):
-        """A line under the form: a message, or an error (red) with hpcseg's sentence and hint."""
-        from HPCSegLib.tasks import error_text
-
-        error = isinstance(what, BaseException)
-        self.message.text = error_text(what)[0] if error else what
-        self.message.setStyleSheet("color: #c62828" if error else "")
+                editor.text = value
+        if state.profiles:
+            self.profileBox.blockSignals(True)
+            self.profileBox.clear()
+            self.profileBox.addItems(state.profiles)
+            self.profileBox.blockSignals(False)
+            self.profileBox.setEditText(state.current)
+        for w in (self.fields, self.profileBox, self.loadButton, self.saveButton, self.defaultCheck):
+            w.enabled = state.enabled
+        self.message.text = state.message
+        self.message.setStyleSheet("color: #c62828" if state.error else "")

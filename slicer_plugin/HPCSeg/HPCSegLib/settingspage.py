@@ -1,0 +1,115 @@
+"""What Application Settings → HPCSeg shows and does, without its widgets (the panel in HPCSegUI only draws this).
+
+The page follows reality: each :meth:`SettingsPageLogic.refresh` (the panel calls it whenever it is shown, and
+the module calls it after installing hpcseg) looks again whether hpcseg can be imported *now*, so the form
+enables itself after an install without a restart. Every action returns a :class:`PageState` and never raises:
+an error becomes the page's message (hpcseg's sentence and hint), never a traceback in the Python console.
+
+Standard library only at import time: hpcseg is imported lazily, once :func:`dependencies.importable` says so.
+
+Example (what the panel does)::
+
+    logic = SettingsPageLogic()
+    state = logic.refresh()            # state.enabled, state.message, state.profiles, state.values
+    state = logic.save("karolina", {"host": "karolina", "scheduler": "slurm", ...}, make_default=True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import dependencies
+from .worker import error_text
+
+NOT_INSTALLED = ("hpcseg is not installed in this Slicer yet: open the HPCSeg module and press Connect to install "
+                 "it. This page enables itself once it is there.")
+
+
+@dataclass
+class Field:
+    """One line of the form (a combo box when ``choices``, else a line edit)."""
+
+    key: str
+    label: str
+    choices: tuple[str, ...] = ()
+    help: str = ""
+
+
+@dataclass
+class PageState:
+    """Everything the panel shows."""
+
+    enabled: bool
+    message: str = ""
+    error: bool = False
+    profiles: list[str] = field(default_factory=list)
+    current: str = ""
+    fields: list[Field] = field(default_factory=list)
+    values: dict[str, str] = field(default_factory=dict)
+
+
+class SettingsPageLogic:
+    """The page's behaviour; the widgets call these methods and draw the :class:`PageState` they return."""
+
+    def __init__(self) -> None:
+        self.state = PageState(enabled=False, message=NOT_INSTALLED)
+
+    def _guard(self, action: Any, *args: Any) -> PageState:
+        """Run an action; an error (a broken config file, a wrong value) becomes the page's red line."""
+        if not dependencies.importable():
+            self.state = PageState(enabled=False, message=NOT_INSTALLED)
+            return self.state
+        try:
+            self.state = action(*args)
+        except Exception as exc:  # noqa: BLE001 - shown to the user, with hpcseg's hint
+            message, _details = error_text(exc)
+            self.state = PageState(enabled=self.state.enabled, message=message, error=True,
+                                   profiles=self.state.profiles, current=self.state.current,
+                                   fields=self.state.fields, values=self.state.values)
+        return self.state
+
+    def refresh(self) -> PageState:
+        """Look again: is hpcseg there, which profiles exist; show the default one."""
+        return self._guard(self._refresh)
+
+    def load(self, name: str) -> PageState:
+        """Show the named profile (a new name starts from the defaults)."""
+        return self._guard(self._load, name.strip() or "local", "")
+
+    def save(self, name: str, values: dict[str, str], make_default: bool = False) -> PageState:
+        """Validate and write the profile to hpcseg's config file (the one the ``hpcseg`` command reads)."""
+        return self._guard(self._save, name.strip(), values, make_default)
+
+    # --- the actions, with hpcseg importable ----------------------------------------------------------------
+    @staticmethod
+    def _fields() -> list[Field]:
+        from .profiles import form_fields
+
+        return [Field(f.key, f.label, f.choices, f.help) for f in form_fields()]
+
+    def _refresh(self) -> PageState:
+        from .profiles import profile_names
+
+        names, default = profile_names()
+        current = self.state.current if self.state.enabled and self.state.current in names else default
+        return self._load(current, "", names)
+
+    def _load(self, name: str, message: str, names: list[str] | None = None) -> PageState:
+        from .profiles import ProfileForm, new_profile_form, profile_names
+
+        if names is None:
+            names = profile_names()[0]
+        form = ProfileForm.load(name) if name in names else new_profile_form(name)
+        where = f"{form.name} from {form.path}" if name in names else f"new profile {name}: fill it in and save it"
+        return PageState(enabled=True, message=message or where, profiles=names,
+                         current=form.name, fields=self._fields(), values=form.values)
+
+    def _save(self, name: str, values: dict[str, str], make_default: bool) -> PageState:
+        from .profiles import ProfileForm
+
+        if not name:
+            raise ValueError("name the profile first (type a new name in the Profile box)")
+        form = ProfileForm(name, dict(values))
+        path = form.save(make_default=make_default)
+        return self._load(name, f"saved profile {name} to {path}")

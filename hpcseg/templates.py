@@ -450,6 +450,13 @@ def _check_params(kind: str, params: dict[str, Any]) -> None:
             need(key, value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
                                         and (key == "seed" or value > 0)), f"a {typ.__name__} > 0")
         need("extra_args", is_words(params.get("extra_args", [])), "a list of words")
+    elif kind == "batch":
+        need("batch_dir", isinstance(params.get("batch_dir"), str) and params["batch_dir"].startswith("/"),
+             "the batch's absolute folder on the cluster")
+        if isinstance(params.get("round"), str) and params["round"].isdigit():
+            params["round"] = int(params["round"])
+        need("round", isinstance(params.get("round"), int) and not isinstance(params["round"], bool)
+             and params["round"] >= 0, "an int >= 0")
     elif kind == "finetune":
         for key in ("model", "dataset"):
             need(key, isinstance(params.get(key), str) and bool(params[key]), "a non-empty string")
@@ -493,7 +500,7 @@ def build_context(profile: Profile, *, template: str, job_dir: str, work_dir: st
     models_dir = _expand(profile.models_dir, home, f"{p}.models_dir") or f"{work_dir.rstrip('/')}/models"
     datasets_dir = _expand(profile.datasets_dir, home, f"{p}.datasets_dir") or f"{work_dir.rstrip('/')}/datasets"
     binds = [_expand(b.split(":", 1)[0], home, f"{p}.binds") + b[len(b.split(":", 1)[0]):] for b in profile.binds]
-    auto = [work_dir] + [d for d, used in ((models_dir, kind in ("server", "train", "finetune")),
+    auto = [work_dir] + [d for d, used in ((models_dir, kind in ("server", "train", "finetune", "batch")),
                                            (datasets_dir, kind in ("train", "finetune")))
                          if used and not _under(d, work_dir)]
     if profile.container_runtime != "none":
@@ -534,7 +541,8 @@ def _hms(seconds: int) -> str:
 
 _SAMPLE_PARAMS = {"command": ["echo", "hello"], "model": "/home/user/.hpcseg/models/spleen/current",
                   "dataset": "/home/user/.hpcseg/datasets/spleen", "epochs": 2,
-                  "out_dir": "/home/user/.hpcseg/models/spleen/v2"}
+                  "out_dir": "/home/user/.hpcseg/models/spleen/v2", "batch_dir": "/home/user/.hpcseg/batches/b1",
+                  "round": 0}
 
 
 def sample_context(scheduler: str = "slurm", **profile_fields: Any) -> dict[str, Any]:

@@ -118,6 +118,8 @@ class SubmitSpec:
 
 
 StatusQuery = Generator[Command, Result, dict[str, JobStatus]]
+#: a job array's status: task index -> that task's status (see :meth:`Scheduler.array_status_query`)
+ArrayStatusQuery = Generator[Command, Result, dict[int, JobStatus]]
 
 
 class Scheduler(ABC):
@@ -155,6 +157,59 @@ class Scheduler(ABC):
     def check_commands(self, partition: str | None = None) -> list[tuple[str, Command]]:
         """(what, command) pairs for ``hpcseg config check``: each command exits 0 when that part is fine."""
         return []
+
+    # -- job arrays: one submission, ``size`` tasks numbered 0..size-1, at most ``max_running`` at a time --------
+    def array_submit_command(self, spec: SubmitSpec, size: int, max_running: int) -> Command:
+        """The command that submits ``spec.script_path`` as an array of ``size`` tasks."""
+        raise SchedulerError(f"the {self.name} backend has no job arrays")
+
+    def parse_array_submit(self, result: Result) -> str:
+        """The array's id (what :meth:`array_status_query` and :meth:`array_cancel_command` take)."""
+        return self.parse_submit(result)
+
+    def array_status_query(self, array_id: str, size: int) -> ArrayStatusQuery:
+        """Status of every task 0..size-1 of an array (sans-IO, like :meth:`status_query`).
+
+        Every index gets a status: UNKNOWN when a query failed, LOST when every source answered and none knows it.
+        """
+        raise SchedulerError(f"the {self.name} backend has no job arrays")
+        yield  # pragma: no cover  (makes this a generator)
+
+    def array_cancel_command(self, array_id: str) -> Command:
+        """The command that cancels every task of an array that has not ended."""
+        return self.cancel_command([array_id])
+
+
+def expand_indices(text: str) -> list[int]:
+    """Task indices from a scheduler's range text: ``4``, ``[5-9]``, ``2-5%2``, ``1,3-4``, ``1-10:3`` (a step).
+
+    ``%N`` (the limit on running tasks, Slurm and PBS Pro) is dropped. Raises ValueError for anything else.
+
+    >>> expand_indices("[1,3-7:2%2]")
+    [1, 3, 5, 7]
+    """
+    text = text.strip().removeprefix("[").removesuffix("]").split("%", 1)[0]
+    out: list[int] = []
+    for part in text.split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part.strip())
+        if not m:
+            raise ValueError(f"not a task index range: {text!r}")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) else lo
+        out.extend(range(lo, hi + 1, int(m.group(3) or 1)))
+    return out
+
+
+def array_statuses(size: int, found: dict[int, JobStatus], missing: JobStatus) -> dict[int, JobStatus]:
+    """A status for every index 0..size-1: what was found, else a copy of ``missing`` (named for its index)."""
+    out = {}
+    for i in range(size):
+        st = found.get(i)
+        if st is None:
+            st = JobStatus(**{**missing.__dict__})
+            st.job_id = f"{missing.job_id}[{i}]"
+        out[i] = st
+    return out
 
 
 def unknown_statuses(job_ids: Sequence[str], reason: str, source: str) -> dict[str, JobStatus]:

@@ -35,6 +35,7 @@ from datetime import datetime
 from ..errors import SchedulerError, SubmitFailed
 from ..shell import Result
 from .base import (
+    ArrayStatusQuery,
     Command,
     JobState,
     JobStatus,
@@ -58,6 +59,28 @@ else
 fi
 pid=$!
 echo "$pid $(LC_ALL=C ps -o lstart= -p "$pid" 2>/dev/null)"
+"""
+
+#: An array: ``K`` lanes, each a detached process that runs its indices (lane, lane+K, ...) one after another with
+#: ``HPCSEG_ARRAY_TASK_ID`` set. Prints one ``<pid> <lstart>`` line per lane.
+_SUBMIT_ARRAY = r"""
+dir=$1 size=$3 lanes=$4
+export HPCSEG_ARRAY_SCRIPT=$2
+cd "$dir" || exit 1
+loop='i=$1; while [ "$i" -lt "$2" ]; do
+  HPCSEG_ARRAY_TASK_ID=$i bash "$HPCSEG_ARRAY_SCRIPT" >"task-$i.out" 2>"task-$i.err"; i=$((i + $3)); done'
+lane=0
+while [ "$lane" -lt "$lanes" ]; do
+  if command -v setsid >/dev/null 2>&1; then
+    setsid sh -c "$loop" sh "$lane" "$size" "$lanes" </dev/null >/dev/null 2>&1 &
+  else
+    python3 -c 'import os, sys; os.setsid(); os.execvp("sh", ["sh", "-c"] + sys.argv[1:])' \
+      "$loop" sh "$lane" "$size" "$lanes" </dev/null >/dev/null 2>&1 &
+  fi
+  pid=$!
+  echo "$pid $(LC_ALL=C ps -o lstart= -p "$pid" 2>/dev/null)"
+  lane=$((lane + 1))
+done
 """
 
 _CANCEL = r"""
@@ -180,3 +203,38 @@ class Local(Scheduler):
     def check_commands(self, partition: str | None = None) -> list[tuple[str, Command]]:
         return [("setsid (or python3)", Command(["sh", "-c", "command -v setsid || command -v python3"])),
                 ("ps", Command(["ps", "-o", "pid=", "-p", "1"]))]
+
+    # -- arrays: K lanes of detached processes (see _SUBMIT_ARRAY); id ``local-array:<size>:<lane id>,<lane id>...``
+    def array_submit_command(self, spec: SubmitSpec, size: int, max_running: int) -> Command:
+        """Start ``min(size, max_running)`` lanes; lane n runs tasks n, n+K, ... in turn (``task-<i>.out``)."""
+        if size < 1 or max_running < 1:
+            raise ValueError("an array needs size >= 1 and max_running >= 1")
+        return Command(["sh", "-c", _SUBMIT_ARRAY, "sh", spec.job_dir, spec.script_path, str(size),
+                        str(min(size, max_running))])
+
+    def parse_array_submit(self, result: Result) -> str:
+        lanes = []
+        for line in result.stdout.strip().splitlines():
+            lanes.append(self.parse_submit(Result(result.command, result.exit_code, line, result.stderr)))
+        if not lanes:
+            self.parse_submit(result)  # raises with the reason
+        return f"local-array:{len(lanes)}:{','.join(lanes)}"
+
+    def array_status_query(self, array_id: str, size: int) -> ArrayStatusQuery:
+        """A task reads RUNNING while its lane runs (queued behind its lane's earlier tasks too), else LOST: the
+        task's own files tell how it ended."""
+        lanes = array_id.split(":", 2)[2].split(",") if array_id.startswith("local-array:") else []
+        statuses = yield from self.status_query(lanes) if lanes else iter(())  # type: ignore[misc]
+        out = {}
+        for i in range(size):
+            lane = lanes[i % len(lanes)] if lanes else ""
+            st = statuses.get(lane) if lanes else None
+            st = JobStatus(f"{array_id}[{i}]", st.state, st.native_state, st.reason, st.node, st.start_time,
+                           source="ps") if st else JobStatus(f"{array_id}[{i}]", JobState.LOST,
+                                                             reason="not a local array id", source="ps")
+            out[i] = st
+        return out
+
+    def array_cancel_command(self, array_id: str) -> Command:
+        lanes = array_id.split(":", 2)[2].split(",") if array_id.startswith("local-array:") else [array_id]
+        return self.cancel_command(lanes)

@@ -42,12 +42,14 @@ from collections.abc import Sequence
 from ..errors import ConfigError, SubmitFailed
 from ..shell import Result
 from .base import (
+    ArrayStatusQuery,
     Command,
     JobState,
     JobStatus,
     Scheduler,
     StatusQuery,
     SubmitSpec,
+    array_statuses,
     parse_ctime,
     stderr_tail,
     unknown_statuses,
@@ -153,7 +155,117 @@ def _ended(exit_text: str, comment: str, attrs: dict[str, str]) -> tuple[JobStat
     return JobState.FAILED, f"exited with code {code}", code, None
 
 
-class PBS(Scheduler):
+# -- job arrays (PBS Pro ``qsub -J``, Torque ``qsub -t``) ----------------------------------------------------------
+# Ids as each prints them (real OpenPBS 23.06.06 recordings in tests/fixtures/pbspro/arrays/, their README lists
+# the surprises): qsub prints the parent ``19[].pbshost``; subjobs are ``19[2].pbshost``. ``qstat 19`` (no
+# brackets) is an unknown job (153). Subjob states: Q, R, ``X`` (done while the parent still runs), ``F`` once the
+# parent is F. A qdel of the whole array rewrites the history of subjobs that had already ended: they read ``F``,
+# ``Exit_status = 1``, comment ``Subjob finished``; after our own cancel we read that as CANCELLED. ``-J`` needs at
+# least two indices (``-J 5`` is "illegal"), so an array of one is submitted as ``-J 0-1``: the batch worker of the
+# spare task finds no work and exits. Torque prints ``12[].server`` and subjobs ``12[3].server`` (older versions
+# ``12-3``). Slurm's Torque wrapper (the test cluster) turns ``-t`` into ``sbatch --array`` and prints the bare id
+# (``31``); its qstat knows no ``-t`` ("Unknown option: t", exit 2) and shows the array as one job, so every task
+# reads that one state there (tests/fixtures/torque/array_*.json).
+_PBS_ARRAY_ID = re.compile(r"^(\d+)(?:\[(\d*)\]|-(\d+))(\.[\w.-]+)?$")
+
+
+def parse_pbs_array_id(text: str) -> tuple[str, int | None] | None:
+    """``12[].server`` -> ("12", None) (the array); ``12[3].server``, ``12[3]`` or ``12-3`` -> ("12", 3)."""
+    m = _PBS_ARRAY_ID.match(text.strip())
+    if not m:
+        return None
+    index = m.group(2) if m.group(2) is not None else m.group(3)
+    return m.group(1), (int(index) if index else None)
+
+
+class PBSArrays:
+    """Job arrays for :class:`PBS` (mixed in): submit with ``-J`` (Pro) or ``-t`` (Torque), per-subjob status."""
+
+    resolved: str | None
+    _cancelled: set[str]
+
+    @property
+    def min_array_size(self) -> int:
+        return 2 if self.resolved == "pro" else 1
+
+    def array_submit_command(self, spec: SubmitSpec, size: int, max_running: int) -> Command:
+        """``qsub -J 0-N%K`` (Pro) or ``qsub -t 0-N%K`` (Torque), from the job folder like :meth:`submit_command`."""
+        if size < 1 or max_running < 1:
+            raise ValueError("an array needs size >= 1 and max_running >= 1")
+        size = max(size, self.min_array_size)
+        flag = "-J" if self.resolved == "pro" else "-t"
+        cmd = self.submit_command(spec)  # type: ignore[attr-defined]
+        argv = list(cmd.argv)
+        return Command([*argv[:-1], flag, f"0-{size - 1}%{max_running}", argv[-1]], cmd.stdin)
+
+    def parse_array_submit(self, result: Result) -> str:
+        """``19[].pbshost`` (Pro, Torque) or ``31`` (the wrapper): the last line that is an id."""
+        for line in reversed(result.stdout.strip().splitlines()):
+            if _ID_LINE.match(line.strip()):
+                return line.strip()
+        raise SubmitFailed(f"qsub failed: {stderr_tail(result, 5)}" if result.stderr.strip() or not result.ok
+                           else f"qsub printed no array id: {result.stdout.strip()[-300:]!r}",
+                           hint="read the message above; `hpcseg batch --dry-run` shows the script")
+
+    def array_qstat_command(self, array_id: str, *, subjobs: bool = True) -> Command:
+        history = ["-x"] if self.resolved == "pro" else []
+        return Command(["qstat", *history, "-f", *(["-t"] if subjobs else []), array_id])
+
+    def array_status_query(self, array_id: str, size: int) -> ArrayStatusQuery:
+        size = max(size, self.min_array_size)
+        if self.resolved is None:
+            res = yield self.version_command()  # type: ignore[attr-defined]
+            self.resolved = self.detect_dialect(res)  # type: ignore[attr-defined]
+            if self.resolved is None:
+                return array_statuses(size, {}, JobStatus(array_id, JobState.UNKNOWN, source="qstat",
+                                                          reason=f"cannot tell the PBS flavour: {stderr_tail(res)}"))
+        res = yield self.array_qstat_command(array_id)
+        if self.resolved == "torque" and "Unknown option" in f"{res.stderr}{res.stdout}":
+            res = yield self.array_qstat_command(array_id, subjobs=False)  # the wrapper: one state for all tasks
+            return self.parse_array_qstat(res, array_id, size, whole=True)
+        return self.parse_array_qstat(res, array_id, size)
+
+    def parse_array_qstat(self, res: Result, array_id: str, size: int, *, whole: bool = False
+                          ) -> dict[int, JobStatus]:
+        """Per-index statuses from ``qstat -f -t`` (``whole``: the wrapper's one block stands for every task)."""
+        source = "qstat-x" if self.resolved == "pro" else "qstat"
+        blocks = parse_full(res.stdout)
+        wrapper = "Job Id:\t" in res.stdout
+        seq = (parse_pbs_array_id(array_id) or (_seq(array_id), None))[0]
+        unknown = _UNKNOWN.search(res.stderr) or (res.exit_code == 153 and not res.stdout.strip())
+        if not blocks:
+            if unknown or (res.ok and not res.stdout.strip()):
+                return array_statuses(size, {}, JobStatus(array_id, JobState.LOST, source=source,
+                                                          reason="PBS no longer knows this array"))
+            return array_statuses(size, {}, JobStatus(array_id, JobState.UNKNOWN, source=source,
+                                                      reason=f"qstat failed: {stderr_tail(res)}"))
+        found: dict[int, JobStatus] = {}
+        parent: JobStatus | None = None
+        for key, attrs in blocks.items():
+            parsed = parse_pbs_array_id(key)
+            if whole or (parsed is None and _seq(key) == seq):
+                parent = self.status_from_attrs(array_id, attrs, source, wrapper=wrapper)  # type: ignore
+                continue
+            if parsed is None or parsed[0] != seq:
+                continue
+            if parsed[1] is None:
+                parent = self.status_from_attrs(key, attrs, source, wrapper=wrapper)  # type: ignore
+                continue
+            st = self.status_from_attrs(key, attrs, source, wrapper=wrapper)  # type: ignore[attr-defined]
+            if array_id in self._cancelled and _get(attrs, "comment") == "Subjob finished":
+                st.state, st.reason, st.exit_code = JobState.CANCELLED, "the array was deleted", None
+            found[parsed[1]] = st
+        if whole and parent is not None:
+            parent.reason = "; ".join(p for p in (parent.reason, "the whole array's state (this qstat shows no "
+                                                  "tasks)") if p)
+            return array_statuses(size, {}, parent)
+        missing = JobStatus(array_id, JobState.LOST, source=source, reason="qstat does not list this subjob")
+        if parent is not None and not parent.state.terminal:
+            missing = JobStatus(array_id, JobState.UNKNOWN, source=source, reason=f"the array is {parent.state}")
+        return array_statuses(size, found, missing)
+
+
+class PBS(PBSArrays, Scheduler):
     """PBS Pro / OpenPBS and Torque (including Slurm's Torque wrapper) through qsub, qstat and qdel."""
 
     name = "pbs"

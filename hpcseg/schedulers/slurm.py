@@ -38,7 +38,19 @@ from datetime import datetime
 
 from ..errors import SubmitFailed
 from ..shell import Result
-from .base import Command, JobState, JobStatus, Scheduler, StatusQuery, SubmitSpec, stderr_tail, unknown_statuses
+from .base import (
+    ArrayStatusQuery,
+    Command,
+    JobState,
+    JobStatus,
+    Scheduler,
+    StatusQuery,
+    SubmitSpec,
+    array_statuses,
+    expand_indices,
+    stderr_tail,
+    unknown_statuses,
+)
 
 #: Every state Slurm prints, mapped by an explicit table. Source: "JOB STATE CODES" in
 #: https://slurm.schedmd.com/squeue.html#lbAG and https://slurm.schedmd.com/sacct.html#SECTION_JOB-STATE-CODES.
@@ -202,7 +214,151 @@ def _load_error(res: Result) -> bool:
     return "slurm_load_jobs error" in res.stderr or "slurm_load_job error" in res.stderr
 
 
-class Slurm(Scheduler):
+# -- job arrays (``sbatch --array``) ------------------------------------------------------------------------------
+# Ids as Slurm prints them (recorded on the test cluster, tests/fixtures/slurm/array_*.json): sbatch --parsable
+# prints the array's id (``25``). squeue's ``JobID`` field shows each started task's *own* job id (``26``), so we
+# ask for ``ArrayJobID`` and ``ArrayTaskID`` instead: ``25`` and ``4``, or a range of tasks not yet started,
+# ``2-5%2`` (``%2``: at most 2 run at once). sacct names tasks ``25_4`` and the pending rest ``25_[4-5%2]``; after a
+# ``scancel 25_5`` that range row stays in the database as ``CANCELLED by UID`` even though task 4 then ran: a
+# row for one task always wins over a range row.
+_ARRAY_FIELDS = ("ArrayJobID", "ArrayTaskID", "State", "Reason", "NodeList", "BatchHost", "StartTime", "EndTime",
+                 "exit_code")
+_ARRAY_FORMAT = ",".join(f"{f}:{_SEP}" for f in _ARRAY_FIELDS)
+_SLURM_ARRAY_ID = re.compile(r"^(\d+)_(\d+|\[[\d,\-:%]+\])$")
+
+
+def parse_slurm_array_id(text: str) -> tuple[str, list[int]] | None:
+    """``123_4`` -> ("123", [4]); ``123_[5-9%2]`` -> ("123", [5, 6, 7, 8, 9]); None if not an array task id."""
+    m = _SLURM_ARRAY_ID.match(text.strip())
+    if not m:
+        return None
+    try:
+        return m.group(1), expand_indices(m.group(2))
+    except ValueError:
+        return None
+
+
+def _array_sacct_rows(text: str, array_id: str) -> tuple[dict[int, list[str]], dict[int, list[str]]] | None:
+    """sacct rows of an array: (one task's rows, range rows) by index; None if a line cannot be parsed."""
+    single: dict[int, list[str]] = {}
+    ranged: dict[int, list[str]] = {}
+    for line in text.splitlines():
+        cells = line.split("|")
+        if len(cells) != 7:
+            if line.strip():
+                return None
+            continue
+        parsed = parse_slurm_array_id(cells[0])
+        if parsed is None or parsed[0] != array_id:
+            continue
+        target = single if re.fullmatch(r"\d+_\d+", cells[0].strip()) else ranged
+        for i in parsed[1]:
+            target[i] = cells
+    return single, ranged
+
+
+class SlurmArrays:
+    """Job arrays for :class:`Slurm` (mixed in): ``sbatch --array=0-N%K``, per-task status from squeue, then sacct."""
+
+    def array_submit_command(self, spec: SubmitSpec, size: int, max_running: int) -> Command:
+        """sbatch with ``--array=0-(size-1)%max_running``; each task's output goes to ``task-<index>.out``."""
+        if size < 1 or max_running < 1:
+            raise ValueError("an array needs size >= 1 and max_running >= 1")
+        out = spec.job_dir.replace("%", "%%")
+        return Command(["sbatch", "--parsable", f"--array=0-{size - 1}%{max_running}", f"--chdir={spec.job_dir}",
+                        f"--output={out}/task-%a.out", f"--error={out}/task-%a.err", "--job-name", spec.job_name,
+                        *spec.extra_args, spec.script_path])
+
+    def array_squeue_command(self, array_id: str) -> Command:
+        return Command(["squeue", "-h", "-t", "all", "-j", array_id, "-O", _ARRAY_FORMAT])
+
+    def array_sacct_command(self, array_id: str) -> Command:
+        return Command(["sacct", "-X", "-P", "-n", "-j", array_id, f"--format={_SACCT_FIELDS}"])
+
+    def array_status_query(self, array_id: str, size: int) -> ArrayStatusQuery:
+        res = yield self.array_squeue_command(array_id)
+        found: dict[int, JobStatus] = {}
+        if "Invalid job id specified" not in res.stderr:  # else: slurmctld forgot the whole array; ask sacct
+            parsed = self.parse_array_squeue(res, array_id)
+            if parsed is None:
+                return array_statuses(size, {}, JobStatus(array_id, JobState.UNKNOWN, source="squeue",
+                                                          reason=f"squeue failed: {stderr_tail(res)}"))
+            found = parsed
+        if all(i in found for i in range(size)):
+            return {i: found[i] for i in range(size)}
+        res = yield self.array_sacct_command(array_id)
+        return self.parse_array_sacct(res, array_id, size, found)
+
+    def parse_array_squeue(self, res: Result, array_id: str) -> dict[int, JobStatus] | None:
+        """The tasks slurmctld holds, by index (a pending range gives each of its indices); None if it failed."""
+        if not res.ok or _load_error(res):
+            return None
+        out: dict[int, JobStatus] = {}
+        for line in res.stdout.splitlines():
+            if _SEP not in line:
+                continue
+            cells = [c.strip() for c in line.split(_SEP)]
+            if len(cells) != len(_ARRAY_FIELDS) + 1:
+                return None
+            parent, task, state, reason, nodes, batch, start, end, raw_exit = cells[:-1]
+            if parent != array_id:
+                continue
+            try:
+                indices = expand_indices(task)
+            except ValueError:
+                continue  # N/A: not an array (an id that is a plain job)
+            for i in indices:
+                st = _status(f"{array_id}_{i}", state, reason, "squeue")
+                st.node = _node(batch) or _node(nodes)
+                if st.native_state == "PENDING":
+                    st.expected_start = _time(start)
+                else:
+                    st.start_time = _time(start)
+                if st.state.terminal:
+                    st.end_time = _time(end)
+                    st.exit_code, st.signal = _exit_from_wait_status(raw_exit)
+                out[i] = st
+        return out
+
+    def parse_array_sacct(self, res: Result, array_id: str, size: int,
+                          found: dict[int, JobStatus]) -> dict[int, JobStatus]:
+        """Tasks squeue did not show, from sacct (a row for one task wins over a range row); LOST if unknown."""
+        text = f"{res.stderr}\n{res.stdout}"
+        if "accounting storage is disabled" in text:
+            return array_statuses(size, found, JobStatus(array_id, JobState.LOST, source="sacct", reason=(
+                "not in the queue any more, and Slurm accounting is disabled")))
+        rows = _array_sacct_rows(res.stdout, array_id) if res.ok and not re.search(r"\berror\b", res.stderr) \
+            else None
+        if rows is None:
+            return array_statuses(size, found, JobStatus(array_id, JobState.UNKNOWN, source="sacct",
+                                                         reason=f"sacct failed: {stderr_tail(res)}"))
+        single, ranged = rows
+        out = dict(found)
+        for i in range(size):
+            cells = single.get(i) or ranged.get(i)
+            if i in out or cells is None:
+                continue
+            _, state, exit_pair, start, end, nodes, reason = cells
+            ended = _STATES.get(state.split()[0] if state.strip() else "", (JobState.UNKNOWN, ""))[0].terminal
+            st = _status(f"{array_id}_{i}", state, "" if ended else reason, "sacct")
+            st.node = _node(nodes)
+            st.start_time = _time(start)
+            if st.state.terminal:
+                st.end_time = _time(end)
+                st.exit_code, st.signal = _exit_from_pair(exit_pair)
+            elif st.state is not JobState.UNKNOWN:
+                st.reason = f"accounting still says {st.native_state}, but slurmctld no longer knows the task"
+                st.state = JobState.LOST
+            out[i] = st
+        return array_statuses(size, out, JobStatus(array_id, JobState.LOST, source="sacct",
+                                                   reason="neither squeue nor sacct knows this task"))
+
+    def array_cancel_command(self, array_id: str) -> Command:
+        """``scancel ID``: every task of the array that has not ended."""
+        return Command(["scancel", array_id])
+
+
+class Slurm(SlurmArrays, Scheduler):
     """Slurm through its command-line tools (tested against Slurm 22.05)."""
 
     name = "slurm"
@@ -357,3 +513,4 @@ class Slurm(Scheduler):
                  'echo "no partition $1; partitions here: $(sinfo -h -o %R | sort -u | tr "\\n" " ")" >&2; exit 1; fi',
                  "sh", partition])))
         return checks
+

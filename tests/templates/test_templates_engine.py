@@ -11,7 +11,7 @@ from hpcseg.errors import ConfigError, TemplateError
 from hpcseg.resources import resource_dir
 from hpcseg.templates import Raw, TemplateEngine, build_context, check_script, sample_context, shell_quote
 
-TEMPLATES = ("run.sh.j2", "server.sh.j2", "train.sh.j2", "finetune.sh.j2")
+TEMPLATES = ("run.sh.j2", "server.sh.j2", "train.sh.j2", "finetune.sh.j2", "batch.sh.j2")
 
 
 def render_string(engine: TemplateEngine, source: str, **ctx) -> str:

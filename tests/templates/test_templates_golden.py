@@ -42,6 +42,7 @@ PARAMS = {
     "train": {"model": "/project/hpcseg/models/spleen/current", "dataset": "/project/hpcseg/datasets/spleen",
               "epochs": 50, "out_dir": "/project/hpcseg/models/spleen/v3", "lr": 1e-4,
               "extra_args": ["--batch-size", "2"]},
+    "batch": {"batch_dir": "/home/alice/.hpcseg/batches/20240601-120000-ab12cd", "round": 1},
     "finetune": {"model": "spleen", "dataset": "/project/hpcseg/datasets/spleen", "epochs": 20, "force": False},
 }
 

@@ -24,7 +24,7 @@ from hpcseg.errors import ConfigError, TemplateError
 from hpcseg.shell import LocalShell
 from hpcseg.templates import DIRECTIVE_WORD, TemplateEngine, build_context, check_script, sample_context
 
-TEMPLATES = ("run.sh.j2", "server.sh.j2", "train.sh.j2", "finetune.sh.j2")
+TEMPLATES = ("run.sh.j2", "server.sh.j2", "train.sh.j2", "finetune.sh.j2", "batch.sh.j2")
 ENGINE = TemplateEngine(user_dir="/nonexistent/hpcseg-test-user-templates")
 VARIANTS = {"slurm": ("slurm", {}), "slurm-gpus": ("slurm", {"gpu_directive": "gpus", "gpu_type": "a100"}),
             "pbs-pro": ("pbs", {}), "pbs-torque": ("pbs", {"pbs_dialect": "torque"}), "local": ("local", {})}
@@ -48,7 +48,8 @@ def hostile_contexts(draw):
                    "dataset": draw(hostile_text), "out_dir": draw(hostile_text),
                    "epochs": draw(st.integers(1, 10**6)), "lr": draw(st.floats(1e-9, 10)),
                    "builtin": draw(st.one_of(st.none(), hostile_nonempty)), "version": draw(hostile_text),
-                   "extra_args": draw(lists)},
+                   "extra_args": draw(lists), "batch_dir": draw(hostile_text),
+                   "round": draw(st.integers(0, 10**6))},
     })
     return ctx
 
@@ -56,7 +57,7 @@ def hostile_contexts(draw):
 @settings(_settings, max_examples=int(os.environ.get("HPCSEG_HOSTILE_EXAMPLES", "250")))
 @given(hostile_contexts())
 def test_hostile_values_in_the_body_keep_every_template_valid_bash(ctx):
-    # ~18 hostile values per example, each rendered into 3 templates: 250 examples give > 4,000 values
+    # ~19 hostile values per example, each rendered into 5 templates: 250 examples give > 4,000 values
     for name in TEMPLATES:
         assert check_script(ENGINE.render(name, ctx)) == [], ENGINE.render(name, ctx)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 from pathlib import Path
 
 import ctk
@@ -66,8 +67,12 @@ Needs 3D Slicer 5.10 or newer."""
             return
         from HPCSegUI.HPCSegSettingsPanel import HPCSegSettingsPanel
 
-        self.settingsPanel = HPCSegSettingsPanel()
+        global _settingsPanel
+        self.settingsPanel = _settingsPanel = HPCSegSettingsPanel()
         slicer.app.settingsDialog().addPanel("HPCSeg", self.settingsPanel)
+
+
+_settingsPanel = None  # the page, for a refresh right after an install (the module object holds it too)
 
 
 class _Reported:
@@ -96,7 +101,6 @@ class HPCSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.points = {}
         self.entered = False
         self._nextPoll = 0
-        self._pollClock = qt.QElapsedTimer()
         self._rerun = None  # an interactive call asked for while another ran: run it when that one ends
 
     # --- layout -------------------------------------------------------------------------------------------------
@@ -145,7 +149,6 @@ class HPCSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer = qt.QTimer()
         self.timer.setInterval(IDLE_TICK_MS)
         self.timer.connect("timeout()", self.onTick)
-        self._pollClock.start()
         if dependencies.importable():  # no install prompt here: only when hpcseg is first needed (Connect)
             self._loadProfiles()
         else:
@@ -306,8 +309,8 @@ class HPCSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.setInterval(BUSY_TICK_MS if busy else IDLE_TICK_MS)
         worker = self.workers.get(self.profile) if hasattr(self, "profileBox") else None
         if (self.entered and worker is not None and worker.running and not worker.busy("poll")
-                and self._pollClock.elapsed() >= self._nextPoll):
-            self._nextPoll = self._pollClock.elapsed() + 60000  # until the answer sets the real delay
+                and time.monotonic() >= self._nextPoll):
+            self._nextPoll = time.monotonic() + 60  # until the answer sets the real delay
             worker.call("poll", on_done=self._showStatus, on_error=self._pollFailed)
         if not busy and not self.entered:
             self.timer.stop()
@@ -315,14 +318,14 @@ class HPCSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showStatus(self, status):
         self.statusLabel.text = status["text"]
         self.statusLabel.setStyleSheet(f"color: {COLOURS[status['severity']]}")
-        self._nextPoll = self._pollClock.elapsed() + int(1000 * status["delay"])
+        self._nextPoll = time.monotonic() + status["delay"]
         self._updateButtons()
 
     def _pollFailed(self, exc):
         message, _details = error_text(exc)
         if message:
             self.statusLabel.text = f"status unknown: {message}"
-        self._nextPoll = self._pollClock.elapsed() + 10000
+        self._nextPoll = time.monotonic() + 10
 
     # --- state --------------------------------------------------------------------------------------------------
     def _reported(self, what):
@@ -414,7 +417,7 @@ class HPCSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._clearModels()
 
         self._call("Stopping the server", "stop", onDone=stopped)
-        self._nextPoll = self._pollClock.elapsed() + 2000
+        self._nextPoll = time.monotonic() + 2
 
     def _volumeSpec(self, volumeNode):
         array, matrix, key = self.logic.volumeArray(volumeNode)
@@ -512,9 +515,8 @@ class HPCSegLogic(ScriptedLoadableModuleLogic):
                 return False
             slicer.util.pip_install(reqs)
         ok = not dependencies.missing(reqs)
-        panel = getattr(slicer.modules.hpcseg, "settingsPanel", None) if hasattr(slicer.modules, "hpcseg") else None
-        if ok and panel is not None:
-            panel.refresh()  # the settings page enables itself now, no restart
+        if ok and _settingsPanel is not None:
+            _settingsPanel.refresh()  # the settings page enables itself now, no restart
         return ok
 
     def _pipEnsure(self, reqs):

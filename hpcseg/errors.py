@@ -17,7 +17,8 @@ into one of these (``raise ... from exc``), so callers and the CLI catch ``Hpcse
     ├── ServerError              the inference server refused or failed a request (HTTP status kept)
     ├── ImageError               an image or mask cannot be read, or is unsuitable
     ├── ModelLoadError           a model folder cannot be loaded (bad manifest, weights, loader) — names why
-    └── DatasetError             a pair is refused, or the dataset on the cluster is inconsistent
+    ├── DatasetError             a pair is refused, or the dataset on the cluster is inconsistent
+    └── BatchError               a batch cannot be found, started or resumed (its folder, its state file)
 
 The CLI prints ``str(error)`` as one line (plus the hint) and exits 1.
 """
@@ -131,3 +132,7 @@ class ModelLoadError(HpcsegError):
 
 class DatasetError(HpcsegError):
     """An image-mask pair is refused, or the dataset is inconsistent."""
+
+
+class BatchError(HpcsegError):
+    """A batch (``hpcseg batch``) cannot be found, started or resumed: its output folder or state says why."""

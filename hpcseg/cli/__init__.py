@@ -53,6 +53,6 @@ def main(ctx: click.Context, profile: str | None, verbose: int) -> None:
     ctx.obj = Ctx(profile_name=profile)
 
 
-from . import config_cmds, data_cmds, job_cmds, server_cmds  # noqa: E402  (register the commands)
+from . import batch_cmds, config_cmds, data_cmds, job_cmds, server_cmds  # noqa: E402  (register the commands)
 
-__all__ = ["main", "pass_ctx", "config_cmds", "data_cmds", "job_cmds", "server_cmds"]
+__all__ = ["main", "pass_ctx", "batch_cmds", "config_cmds", "data_cmds", "job_cmds", "server_cmds"]

@@ -5,6 +5,7 @@ died, and the CLI on the embedded `local` profile (cases through the local serve
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,15 @@ from hpcseg.errors import BatchError
 from hpcseg.jobs import JobManager, JobStore
 from hpcseg.phantoms import make_phantom
 from tests.batchkit import check_outputs, make_cohort
+
+
+@pytest.fixture(autouse=True)
+def same_hpcseg_in_jobs(monkeypatch):
+    """Jobs started by the local scheduler import the hpcseg under test (this checkout), as a cluster venv would."""
+    import hpcseg
+
+    root = str(Path(hpcseg.__file__).resolve().parent.parent)
+    monkeypatch.setenv("PYTHONPATH", root + (":" + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
 
 
 def local_array_batch(tmp: Path, inputs, tasks=2, **kw) -> Batch:

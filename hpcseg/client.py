@@ -182,13 +182,13 @@ class ServerClient:
                 raise ServerError(f"the server was not ready after {timeout:.0f} s ({state})", retryable=True)
             time.sleep(poll)
 
-    def default_model(self, kind: str = "segmentation") -> str:
-        """The first model of type ``kind`` the server serves."""
+    def default_model(self, image: sitk.Image, configured: str | None = None, kind: str = "segmentation"):
+        """The model to run on ``image`` when none is named, with the reason (:func:`hpcseg.modelchoice.choose_model`:
+        ``configured``, else ct-body for CT-like input, else one that declares the input's modality)."""
+        from .modelchoice import choose_model
+
         models = self.info(refresh=self._info is None).get("models", {})
-        for name, m in models.items():
-            if m.get("type", "segmentation") == kind:
-                return name
-        raise ServerError(f"the server serves no {kind} model (it serves: {', '.join(models) or 'none'})")
+        return choose_model(models, image, configured, kind=kind)
 
     def reload(self, wait: bool = True) -> dict[str, Any]:
         """Ask the server to re-read its models directories (a new fine-tuned version); returns ``/info/``."""

@@ -290,12 +290,12 @@ class SSHShell:
                 host=t.hostname, fingerprint=fp,
                 hint=f"ask your cluster's admins for the real fingerprint; if it matches, remove the old entry "
                      f"(ssh-keygen -R {known_hosts_name(t.hostname, t.port)} -f {seen_other[0]}) and run "
-                     f"hpcseg trust {t.alias}")
+                     f"hpcseg trust {t.alias}{_port_option(t)}")
         raise UnknownHostKey(
             f"the host key of {t.hostname}:{t.port} is not known: {key.get_name()} {fp}",
             host=t.hostname, fingerprint=fp,
-            hint=f"check this fingerprint with your cluster's documentation, then run: hpcseg trust {t.alias} "
-                 f"--fingerprint {fp}")
+            hint=f"check this fingerprint with your cluster's documentation, then run: hpcseg trust {t.alias}"
+                 f"{_port_option(t)} --fingerprint {fp}")
 
     def _keys(self) -> list[paramiko.PKey]:
         keys: list[paramiko.PKey] = []
@@ -636,6 +636,11 @@ def _answers(transport: paramiko.Transport, timeout: float) -> bool:
 
 _PROBE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PROBE_LOCKS_GUARD = threading.Lock()
+
+
+def _port_option(target: Target) -> str:
+    """`` --port N`` for a hint's ``hpcseg trust`` when the port is not 22 (the hint must work as printed)."""
+    return f" --port {target.port}" if target.port != 22 else ""
 
 
 def fetch_host_key(host: str, port: int | None = None,

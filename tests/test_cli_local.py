@@ -90,3 +90,64 @@ def test_the_local_server_listens_on_loopback_only():
         assert _listen_addresses(int(ready["port"])) == {"127.0.0.1"}
     finally:
         run("stop", "--json")
+
+
+def _mri_model(models_dir):
+    """A user's brain-MRI model (a real TorchScript network: a 1x1x1 convolution) declaring modality MR."""
+    import torch
+
+    folder = models_dir / "brain-mri"
+    folder.mkdir(parents=True)
+    net = torch.nn.Conv3d(1, 2, 1)
+    torch.jit.script(net).save(str(folder / "net.ts"))
+    (folder / "hpcseg-model.json").write_text(json.dumps({
+        "name": "brain-mri", "version": "1", "type": "segmentation", "labels": {"brain": 1}, "weights": "net.ts",
+        "intensity": {"normalize": True}, "roi_size": [16, 16, 16], "extra": {"expect": {"modality": "MR"}}}))
+    return folder
+
+
+def test_default_model_is_ct_body_for_a_ct_beside_a_users_mri_model(tmp_path):
+    """Issue 13, point 1 (and its acceptance): with an MRI model in the user's models dir (served first), a plain
+    `hpcseg segment CT` runs ct-body and says so; `-m` of the MRI model on that CT warns about the modality."""
+    _mri_model(tmp_path / "my-models")
+    run("config", "set", "models_dir", str(tmp_path / "my-models"))
+    image, _, _ = make_phantom(3, shape=(40, 40, 24))
+    src = tmp_path / "head-ct.nii.gz"
+    sitk.WriteImage(image, str(src))
+    try:
+        res = CliRunner().invoke(main, ["segment", str(src), "-o", str(tmp_path / "a.seg.nrrd")],
+                                 catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        assert "model: ct-body (the built-in default for CT-like input" in res.output
+        out = json.loads(run("segment", str(src), "-o", str(tmp_path / "b.seg.nrrd"), "--json").output)
+        assert out["model"] == "ct-body" and "CT-like" in out["model_reason"]
+        assert set(out["labels"]) == {"body", "lungs", "bone"}
+        mri = json.loads(run("segment", str(src), "-o", str(tmp_path / "c.seg.nrrd"), "-m", "brain-mri",
+                             "--json").stdout)  # the warnings also go to stderr
+        assert mri["model"] == "brain-mri" and any("expects MR" in w for w in mri["warnings"]), mri["warnings"]
+        # a profile's default_model wins over the CT default, and the reason says so
+        run("config", "set", "default_model", "brain-mri")
+        chosen = json.loads(run("segment", str(src), "-o", str(tmp_path / "d.seg.nrrd"), "--json").stdout)
+        assert chosen["model"] == "brain-mri" and "default_model" in chosen["model_reason"]
+    finally:
+        run("stop", "--json")
+
+
+def test_reload_says_what_it_reloaded(tmp_path):
+    """Issue 13, point 7: `hpcseg reload` printed `reloaded: ` with an empty list while the server reloaded."""
+    from hpcseg.server.models import builtin_models_dir
+
+    folder = tmp_path / "my-models" / "mybody"
+    folder.mkdir(parents=True)
+    manifest = json.loads((builtin_models_dir() / "ct-body" / "hpcseg-model.json").read_text())
+    (folder / "hpcseg-model.json").write_text(json.dumps({**manifest, "name": "mybody", "version": "1"}))
+    run("config", "set", "models_dir", str(tmp_path / "my-models"))
+    run("submit", "--json")
+    try:
+        (folder / "hpcseg-model.json").write_text(json.dumps({**manifest, "name": "mybody", "version": "2"}))
+        out = run("reload").output
+        assert "mybody: reloaded 2 (was 1)" in out, out
+        again = run("reload").output
+        assert "nothing changed" in again and "mybody 2" in again, again
+    finally:
+        run("stop", "--json")

@@ -169,15 +169,19 @@ def config_check(ctx: Ctx, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("host")
-@click.option("--port", type=int, help="SSH port (default: from ~/.ssh/config, else 22).")
+@click.argument("host", required=False)
+@click.option("--port", type=int, help="SSH port (default: the profile's port for its host, else from "
+                                       "~/.ssh/config, else 22).")
 @click.option("--fingerprint", metavar="SHA256:…", help="Trust only if the key has this fingerprint (no prompt).")
 @click.option("--yes", is_flag=True, help="Trust without asking (only if you checked the fingerprint elsewhere).")
-def trust(host: str, port: int | None, fingerprint: str | None, yes: bool) -> None:
-    """Record HOST's SSH host key in hpcseg's known_hosts after you check its fingerprint."""
+@pass_ctx
+def trust(ctx: Ctx, host: str | None, port: int | None, fingerprint: str | None, yes: bool) -> None:
+    """Record HOST's SSH host key (default: the profile's host) in hpcseg's known_hosts after you check its
+    fingerprint."""
     from ..ssh import fetch_host_key, trust_host_key
     from ..ssh import fingerprint as fp_of
 
+    host, port = _trust_target(ctx, host, port)
     target, key = fetch_host_key(host, port)
     fp = fp_of(key)
     click.echo(f"{target.hostname}:{target.port} offers {key.get_name()} {fp}")
@@ -189,6 +193,21 @@ def trust(host: str, port: int | None, fingerprint: str | None, yes: bool) -> No
         raise SystemExit(1)
     path = trust_host_key(target, key)
     click.echo(f"trusted: added to {path}")
+
+
+def _trust_target(ctx: Ctx, host: str | None, port: int | None) -> tuple[str, int | None]:
+    """HOST (else the profile's host) and the port: ``--port``, else the profile's when HOST is its host."""
+    try:
+        prof: Profile | None = ctx.profile
+    except HpcsegError:
+        prof = None  # a broken or missing profile must not stop trusting an explicitly named host
+    if not host:
+        if prof is None or not prof.host:
+            raise ConfigError("no HOST given and the profile has no host", hint="hpcseg trust HOST [--port N]")
+        host = prof.host
+    if port is None and prof is not None and host == prof.host:
+        port = prof.port
+    return host, port
 
 
 @main.group()

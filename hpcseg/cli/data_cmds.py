@@ -201,4 +201,14 @@ def reload(ctx: Ctx, as_json: bool) -> None:
     if as_json:
         emit_json(info)
     else:
-        click.echo("reloaded: " + ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items()))
+        click.echo(describe_reload(info))
+
+
+def describe_reload(info: dict) -> str:
+    """What a reload did, from ``/info/`` after it: each model it loaded, reloaded, dropped or failed on, or that
+    nothing changed (with what serves)."""
+    changes = (info.get("hpcseg") or {}).get("last_reload") or {}
+    if changes:
+        return "\n".join(f"{name}: {what}" for name, what in changes.items())
+    serving = ", ".join(f"{n} {m.get('version')}" for n, m in (info.get("models") or {}).items()) or "none"
+    return f"nothing changed on disk; serving: {serving}"

@@ -54,7 +54,9 @@ def _bar(label: str, quiet: bool):
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Mask file: .seg.nrrd (3D Slicer, label names inside), .nii.gz, .nii, .nrrd, .mha or .mhd "
                    "(label names in a .labels.json next to it); in the input's exact geometry.")
-@click.option("--model", "-m", default=None, help="Model to run (default: the server's first segmentation model).")
+@click.option("--model", "-m", default=None,
+              help="Model to run (default: the profile's default_model, else ct-body for CT-like input, else a "
+                   "model declaring the input's modality; the choice and its reason are printed).")
 @click.option("--labels", default=None, metavar="A,B", help="Only these structures, e.g. liver,spleen.")
 @click.option("--fast", is_flag=True, help="Coarser spacing: quicker, rougher.")
 @click.option("--no-start", is_flag=True, help="Use a running server only; never submit a job.")
@@ -91,7 +93,12 @@ def segment(ctx: Ctx, image: Path, output: Path, model: str | None, labels: str 
     with ServerConnection(ctx.profile, start=not no_start, timeout=timeout,
                           progress=_progress_line(as_json)) as conn:
         if model is None:
-            model = conn.client.default_model()
+            choice = conn.client.default_model(img, ctx.profile.default_model)
+            model, why = choice.name, choice.reason
+        else:
+            why = "named with -m"
+        if not as_json:
+            click.echo(f"model: {model} ({why})", err=True)
         res = conn.client.segment(img, model=model, labels=wanted, fast=fast,
                                   upload_progress=_bar("upload", as_json),
                                   download_progress=_bar("download", as_json))
@@ -99,7 +106,7 @@ def segment(ctx: Ctx, image: Path, output: Path, model: str | None, labels: str 
         warn(warning)
     mask, names, version = res
     imaging.write_mask(mask, output, names, reference=img)
-    result = {"output": str(output), "model": model, "model_version": version, "labels": names,
+    result = {"output": str(output), "model": model, "model_reason": why, "model_version": version, "labels": names,
               "job_id": conn.record.job_id if conn.record else None, "profile": ctx.profile.name,
               "warnings": shown}
     if as_json:

@@ -10,6 +10,28 @@ from hpcseg.imaging.reading import nonfinite_warning, read_warnings
 
 
 # --------------------------------------------------------------------------------------------- QA and geometry
+def intensity_range(image: sitk.Image) -> tuple[float, float]:
+    """(lowest, highest) finite intensity of a few dozen slices: enough to tell CT from MR, cheap on big images."""
+    view = sitk.GetArrayViewFromImage(image)
+    sample = view[:: max(1, view.shape[0] // 32)]
+    finite = sample[np.isfinite(sample)] if sample.dtype.kind == "f" else sample
+    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+
+
+def looks_like_ct(image: sitk.Image) -> bool:
+    """True when the intensities read as Hounsfield units: air near -1000 (below -500) and bone above 300."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        return False
+    lo, hi = intensity_range(image)
+    return lo <= -500 and hi >= 300
+
+
+def declared_modality(value: object) -> str:
+    """A model's declared modality in one spelling: "CT", "MR" (also for "MRI"), or "" when it declares none."""
+    text = str(value or "").strip().upper()
+    return "MR" if text in ("MR", "MRI") else text
+
+
 def check_input(image: sitk.Image, expect: dict | None = None) -> list[str]:
     """Warnings (sentences for a person) about an input that a model may segment badly; [] when it looks fine.
 
@@ -29,17 +51,22 @@ def check_input(image: sitk.Image, expect: dict | None = None) -> list[str]:
         bad = int(np.count_nonzero(~np.isfinite(view)))
         if bad:
             warnings.append(nonfinite_warning(bad))
-    if str(expect.get("modality", "")).upper() == "CT" and image.GetNumberOfComponentsPerPixel() == 1:
-        sample = view[:: max(1, view.shape[0] // 32)]  # a few dozen slices are enough for a range
-        finite = sample[np.isfinite(sample)] if sample.dtype.kind == "f" else sample
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-        if lo > -500 or hi < 300:
+    modality = declared_modality(expect.get("modality"))
+    if modality in ("CT", "MR") and image.GetNumberOfComponentsPerPixel() == 1:
+        lo, hi = intensity_range(image)
+        ct_like = lo <= -500 and hi >= 300
+        if modality == "CT" and not ct_like:
             warnings.append(f"intensities span {lo:g} to {hi:g}: not CT-like (CT air is about -1000 HU, bone above "
                             "300 HU) but this model expects CT; is this an MRI, or a CT rescaled or windowed on "
                             "export? the result may be meaningless")
+        elif modality == "MR" and ct_like:
+            warnings.append(f"intensities span {lo:g} to {hi:g}: CT-like (Hounsfield units: air near -1000, bone "
+                            "above 300) but this model expects MR; the result may be meaningless (pick a CT model "
+                            "with -m, see hpcseg models)")
+    # 5 mm is the commonest thick reconstruction and already too thick: warn from the limit on, not past it
     thick = float(expect.get("max_slice_mm", 5.0))
-    if max(spacing) > thick:
-        warnings.append(f"voxels are {max(spacing):.3g} mm along one axis (over {thick:g} mm): thin structures "
+    if max(spacing) >= thick - 1e-3:
+        warnings.append(f"voxels are {max(spacing):.3g} mm along one axis ({thick:g} mm or more): thin structures "
                         "will be missed; use a thinner reconstruction if there is one")
     ratio = max(spacing) / max(min(spacing), 1e-9)
     if ratio > float(expect.get("max_anisotropy", 3.0)):

@@ -204,6 +204,8 @@ def manifest_from_bundle(folder: Path) -> ModelManifest:
     labels = _labels(meta, folder)
     n_out = ((fmt.get("outputs") or {}).get("pred") or {}).get("num_channels")
     extra: dict[str, Any] = {"bundle": True}
+    if str(image_in.get("modality", "")).upper() in ("CT", "MR", "MRI"):  # input QA and default-model choice use it
+        extra["expect"] = {"modality": str(image_in["modality"]).upper()}
     spacing, steps, ignored = None, [], []
     for tid, name, _ in _transforms(parser, "preprocessing"):
         if name == "Orientation":

@@ -202,8 +202,12 @@ class Model(ABC):
     def info(self) -> dict:
         """This model's entry in MONAI Label's ``/info/`` ``models``."""
         m = self.manifest
+        from hpcseg.imaging import declared_modality
+
         return {"type": m.type, "labels": dict(m.labels), "dimension": 3, "description": m.description,
-                "version": m.version, "config": {"spacing": m.spacing, "roi_size": m.roi_size, "device": self.device}}
+                "version": m.version, "config": {"spacing": m.spacing, "roi_size": m.roi_size, "device": self.device},
+                # what the model declares it is for (extra.expect.modality): clients pick a default by it
+                "modality": declared_modality(self.expect.get("modality")) or None}
 
     @property
     def expect(self) -> dict:

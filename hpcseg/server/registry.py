@@ -159,6 +159,10 @@ class ModelRegistry:
         self._idle.set()
         self._thread: threading.Thread | None = None
         self.generation = 0
+        #: what the last (re)load did, per model name: "loaded 1.0", "reloaded 1.1 (was 1.0)", "failed: why",
+        #: "removed"; models it left alone are absent (``hpcseg reload`` prints it)
+        self.last_reload: dict[str, str] = {}
+        self._changes: dict[str, str] = {}
 
     # --- queries -------------------------------------------------------------------------------------------
     def get(self, name: str) -> tuple[Any, str | None] | None:
@@ -232,20 +236,30 @@ class ModelRegistry:
             self._idle.set()
 
     def _reload_locked(self) -> None:
+        self._changes = {}
+        try:
+            self._discover_and_load()
+        finally:
+            self.last_reload = dict(self._changes)
+
+    def _discover_and_load(self) -> None:
         candidates = discover(self.dirs)
         names = {c.name for c in candidates}
         with self._lock:
             for gone in [n for n in self._entries if n not in names]:
                 log.info("model %s is no longer on disk: no longer served", gone)
                 del self._entries[gone]
+                self._changes[gone] = "removed"
             todo: list[Candidate] = []
             for c in candidates:
                 e = self._entries.get(c.name)
                 if c.problem and e is not None and e.model is not None:
                     e.error = f"{c.problem}; still serving version {e.version}"
+                    self._changes[c.name] = f"failed: {e.error}"
                     log.error("model %s: %s", c.name, e.error)
                 elif c.problem:
                     self._entries[c.name] = ModelEntry(c.name, c.folder, state="failed", error=c.problem)
+                    self._changes[c.name] = f"failed: {c.problem}"
                     log.error("model %s cannot be served: %s", c.name, c.problem)
                 elif e is None or e.signature != c.signature() or e.model is None:
                     if e is None:
@@ -281,6 +295,7 @@ class ModelRegistry:
                 else:
                     entry.error = f"reload failed, still serving version {entry.version}: {reason}"
                     log.error("model %s: %s", cand.name, entry.error)
+                self._changes[cand.name] = f"failed: {entry.error}"
             return
         version = _version_of(model)
         with self._lock:
@@ -289,6 +304,7 @@ class ModelRegistry:
             entry.state, entry.error = "ready", None
             entry.load_seconds, entry.signature = t2 - t0, cand.signature()
         what = f"reloaded (was {old})" if old else "loaded"
+        self._changes[cand.name] = f"reloaded {version} (was {old})" if old else f"loaded {version}"
         log.info("model %s version %s %s from %s in %.2f s (load %.2f s, warm-up %.2f s)",
                  cand.name, version, what, cand.folder, t2 - t0, t1 - t0, t2 - t1)
 

@@ -156,6 +156,7 @@ class Runtime:
                 "codecs": wire.codecs(),
                 "sessions": self.sessions.summary(),
                 "models": {e.name: e.status() for e in self.registry.entries()},
+                "last_reload": dict(getattr(self.registry, "last_reload", {})),
             },
         }
 

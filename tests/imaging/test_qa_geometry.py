@@ -81,3 +81,39 @@ def test_labels_survive_a_round_trip_through_another_grid_and_orientation():
     finer = imaging.resample_to_reference(imaging.resample(labels, (1.0, 1.0, 1.0), "nearest"), labels)
     same = (sitk.GetArrayViewFromImage(finer) == sitk.GetArrayViewFromImage(labels)).mean()
     assert same > 0.97
+
+
+@pytest.mark.parametrize("spacing", [(0.7, 0.7, 5.0), (2.0, 2.0, 5.0), (np.float32(0.7), 0.7, np.float32(5.0))])
+def test_five_mm_slices_are_thick(spacing):
+    """Issue 13, point 8: 5 mm, the commonest thick reconstruction, gets the thick-slice warning itself (not only
+    the anisotropy one; at 2 x 2 x 5 mm there is no anisotropy warning at all)."""
+    warnings = imaging.check_input(_img(spacing=tuple(float(s) for s in spacing)), {})
+    assert any("5 mm along one axis" in w and "thin structures" in w for w in warnings), warnings
+    assert not any("mm along one axis" in w for w in imaging.check_input(_img(spacing=(1.0, 1.0, 4.0)), {}))
+
+
+def test_an_mr_model_given_a_ct_is_warned_about():
+    """Issue 13, point 1: the model's declared modality is checked both ways (MR model on a CT too)."""
+    ct, _, _ = make_phantom(1)
+    warnings = imaging.check_input(ct, {"modality": "MRI"})
+    assert len(warnings) == 1 and "CT-like" in warnings[0] and "expects MR" in warnings[0]
+    mri = sitk.Cast(sitk.GetImageFromArray(np.random.default_rng(0).uniform(0, 1400, (32, 32, 32))), sitk.sitkInt16)
+    assert imaging.check_input(mri, {"modality": "MR"}) == []
+
+
+def test_default_model_choice_and_its_reason():
+    """Issue 13, point 1: user models come first in /info/, so "the first segmentation model" is no default."""
+    from hpcseg.errors import ConfigError
+    from hpcseg.modelchoice import choose_model
+
+    ct, _, _ = make_phantom(1)
+    mri = sitk.Cast(sitk.GetImageFromArray(np.random.default_rng(0).uniform(0, 1400, (32, 32, 32))), sitk.sitkInt16)
+    served = {"brain-mri": {"type": "segmentation", "modality": "MR"}, "clicks": {"type": "deepgrow"},
+              "ct-body": {"type": "segmentation", "modality": "CT"}, "phantom-unet": {"type": "segmentation"}}
+    assert choose_model(served, ct).name == "ct-body" and "CT-like" in choose_model(served, ct).reason
+    assert choose_model(served, mri).name == "brain-mri" and "modality MR" in choose_model(served, mri).reason
+    assert choose_model(served, ct, "phantom-unet").name == "phantom-unet"
+    no_mr = {k: v for k, v in served.items() if k != "brain-mri"}
+    assert choose_model(no_mr, mri).name == "ct-body" and "none declares modality MR" in choose_model(no_mr, mri).reason
+    with pytest.raises(ConfigError, match="does not serve"):
+        choose_model(served, ct, "gone")

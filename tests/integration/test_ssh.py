@@ -141,3 +141,38 @@ def test_cli_trust_with_fingerprint(cluster, tmp_path):
 def test_openssh_agrees_on_fingerprint(cluster):
     out = subprocess.run(["ssh-keygen", "-lf", cluster.known_hosts], capture_output=True, text=True).stdout
     assert cluster.host_key_fingerprint in out
+
+
+def test_trust_hint_and_trust_use_the_profiles_port(cluster, tmp_path):
+    """Issue 13, point 9: on a non-22 port (the second login sshd), the hint's command works as printed and
+    `hpcseg trust HOST` trusts the profile's port, not 22."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    from hpcseg.cli import main
+
+    assert cluster.mfa_port and cluster.mfa_port != 22
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    with pytest.raises(UnknownHostKey) as err:
+        SSHShell(cluster.host, user=cluster.user, port=cluster.mfa_port, identity_file=cluster.key_path,
+                 known_hosts=[empty], interactive=False, connect_timeout=5).run(["true"])
+    hint = err.value.hint or ""
+    assert f"--port {cluster.mfa_port}" in hint, hint
+    printed = shlex.split(hint.split("run: ", 1)[1])  # run the hint as printed
+    assert printed[:2] == ["hpcseg", "trust"]
+    r = CliRunner().invoke(main, printed[1:], catch_exceptions=False)
+    assert r.exit_code == 0 and f":{cluster.mfa_port} offers" in r.output, r.output
+    kh = tmp_path / "known_hosts"  # HPCSEG_KNOWN_HOSTS (isolated_user_files)
+    assert f"[{cluster.host}]:{cluster.mfa_port} " in kh.read_text()
+    kh.unlink()
+    # `hpcseg trust` with the profile's host and no --port: the profile's port
+    r = CliRunner().invoke(main, ["-p", "mfa", "config", "init", "--host", cluster.host, "--set",
+                                  f"port={cluster.mfa_port}"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    for argv in (["-p", "mfa", "trust", cluster.host], ["-p", "mfa", "trust"]):
+        r = CliRunner().invoke(main, [*argv, "--fingerprint", cluster.host_key_fingerprint], catch_exceptions=False)
+        assert r.exit_code == 0 and f":{cluster.mfa_port} offers" in r.output, r.output
+        assert f"[{cluster.host}]:{cluster.mfa_port} " in kh.read_text()
+        kh.unlink()

@@ -93,13 +93,15 @@ def parse_full(text: str) -> dict[str, dict[str, str]]:
             continue
         if cur is None or not line.strip():
             continue
+        line = line.rstrip("\r")
         m = _ATTR.match(line)
         if m and indent in (None, m.group(1)):
             indent, key = m.group(1), m.group(2)
-            cur[key] = m.group(3).rstrip()
+            cur[key] = m.group(3)
         elif key is not None:  # continuation: one TAB, then the rest of the value (maybe mid-word)
-            cur[key] += line[1:].rstrip() if line.startswith("\t") else line.strip()
-    return jobs
+            # qstat wraps by column, so a space at the wrap point ends the line before: keep it
+            cur[key] += line[1:] if line.startswith("\t") else line.strip()
+    return {job: {k: v.rstrip() for k, v in attrs.items()} for job, attrs in jobs.items()}
 
 
 def _get(attrs: dict[str, str], name: str) -> str:

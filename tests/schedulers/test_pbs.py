@@ -83,6 +83,18 @@ def test_continuation_lines_are_unwrapped_even_mid_word():
     assert parse_full(pbspro("17").stdout)["3.pbshost"]["Submit_arguments"].endswith("walltime=00:01:00 long.sh")
 
 
+def test_continuation_keeps_the_space_at_the_wrap_point():
+    """Issue 13, point 11: qstat -f wraps by column; a space that ends the first part is part of the value."""
+    text = ("Job Id: 7.pbshost\n"
+            "    Job_Name = x\n"
+            "    comment = Can Never Run: Insufficient amount of resource: ncpus (R: 4 A: 2 \n"
+            "\tT: 2)   \n"
+            "    job_state = Q\n")
+    attrs = parse_full(text)["7.pbshost"]
+    assert attrs["comment"] == "Can Never Run: Insufficient amount of resource: ncpus (R: 4 A: 2 T: 2)"
+    assert attrs["Job_Name"] == "x" and attrs["job_state"] == "Q"
+
+
 def test_wrapper_tab_indented_attributes_are_not_continuations():
     jobs = parse_full(recorded("torque", "qstat_f_mixed").stdout)
     assert list(jobs) == ["5", "7", "9"]

@@ -70,6 +70,14 @@ class JobRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def submitted_walltime(rec: JobRecord, profile: Profile) -> int:
+    """Seconds of walltime the job was submitted with (remembered at submit; older records: the profile's)."""
+    try:
+        return walltime_seconds(str(rec.extra.get("walltime") or profile.walltime))
+    except ValueError:
+        return walltime_seconds(profile.walltime)
+
+
 class JobStore:
     """The jobs this client started: one JSON file, updated under a lock, written atomically."""
 
@@ -207,7 +215,9 @@ class JobManager:
             rec = JobRecord(profile=self.profile.name, job_id=job_id, template=template, job_dir=job_dir,
                             name=posixpath.basename(job_dir), scheduler=self.profile.scheduler,
                             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            host=self.profile.host)
+                            host=self.profile.host,
+                            # the limit this job runs under, even after the profile's walltime changes
+                            extra={"walltime": self.profile.walltime})
             self.store.add(rec)
         except BaseException:
             # No orphan: a job we cannot remember is a job nobody would cancel.
@@ -247,6 +257,9 @@ class JobManager:
                              f" && cat ending 2>/dev/null; echo . && stat -c %Y exit_code")
         parts = res.stdout.split(".\n") if res.ok else []
         if len(parts) < 4 or not parts[0].strip().lstrip("-").isdigit():
+            if rec.extra.get("cancelled"):  # cancelled before it started: it never wrote an exit code
+                return JobStatus(job_id=rec.job_id, state=JobState.CANCELLED, native_state=st.native_state,
+                                 reason="cancelled by this client before it wrote an exit code", source=st.source)
             return st
         code = int(parts[0].strip())
         started = int(parts[1].strip()) if parts[1].strip().isdigit() else None
@@ -254,7 +267,7 @@ class JobManager:
         ending = parts[2].strip()
         state = JobState.COMPLETED if code == 0 else JobState.FAILED
         if code == 143:
-            limit = walltime_seconds(self.profile.walltime)
+            limit = submitted_walltime(rec, self.profile)
             if ending == "walltime" or (started and ended and ended - started >= limit - 5):
                 state = JobState.TIMEOUT
             elif rec.extra.get("cancelled"):

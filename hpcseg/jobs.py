@@ -239,6 +239,9 @@ class JobManager:
             if st.state is JobState.LOST and rec is not None:
                 st = self._from_exit_file(rec, st)
                 result[jid] = st
+            if st.state.active and rec is not None and rec.extra.get("cancelled"):
+                st.state, st.reason = JobState.STOPPING, "cancelled; ending (the scheduler still shows it " \
+                                                         f"{st.native_state or 'active'})"
             if st.state is JobState.UNKNOWN and rec is not None:
                 st.native_state = st.native_state or f"last seen {rec.last_state}"
             elif rec is not None and rec.last_state != st.state.value:

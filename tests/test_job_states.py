@@ -64,3 +64,16 @@ def test_submit_remembers_the_walltime(jm):
     rec = jm.submit("run", {"command": ["true"]})
     assert rec.extra["walltime"] == jm.profile.walltime
     jm.wait(rec.job_id, lambda s: s.state.terminal, timeout=60)
+
+
+def test_a_cancelled_job_that_is_still_ending_reads_stopping(jm):
+    """Issue 13, point 10: right after a cancel (`hpcseg stop`), a job that takes a while to end (a server
+    unloading, a trap cleaning up) read `running`; it is `stopping` until it is gone, and then `cancelled`."""
+    script = "trap 'sleep 4; exit 143' TERM; sleep 300 & wait $!; sleep 300"
+    rec = jm.submit("run", {"command": ["bash", "-c", script]})
+    jm.wait(rec.job_id, lambda s: s.state is JobState.RUNNING, timeout=60)
+    jm.cancel([rec.job_id])
+    st = jm.status([rec.job_id])[rec.job_id]
+    assert st.state is JobState.STOPPING and st.state.active and not st.state.terminal, st
+    end = jm.wait(rec.job_id, lambda s: s.state.terminal, timeout=60)
+    assert end.state is JobState.CANCELLED

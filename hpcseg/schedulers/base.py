@@ -33,6 +33,9 @@ class JobState(str, enum.Enum):
     PENDING = "pending"
     RUNNING = "running"
     COMPLETING = "completing"
+    #: this client cancelled the job and the scheduler still shows it active (it is handling SIGTERM, cleaning
+    #: up): set by :mod:`hpcseg.jobs`, never parsed from scheduler output; not reused as a server
+    STOPPING = "stopping"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -52,7 +55,7 @@ class JobState(str, enum.Enum):
 
     @property
     def active(self) -> bool:
-        return self in (JobState.PENDING, JobState.RUNNING, JobState.COMPLETING)
+        return self in (JobState.PENDING, JobState.RUNNING, JobState.COMPLETING, JobState.STOPPING)
 
     def __str__(self) -> str:
         return self.value

@@ -61,10 +61,12 @@ def _bar(label: str, quiet: bool):
 @click.option("--fast", is_flag=True, help="Coarser spacing: quicker, rougher.")
 @click.option("--no-start", is_flag=True, help="Use a running server only; never submit a job.")
 @click.option("--timeout", type=float, default=1800, show_default=True, help="Seconds to wait for a server.")
+@click.option("--format", "fmt", type=click.Choice(["mask", "dicom-seg"]), default="mask", show_default=True,
+              help="dicom-seg: a DICOM Segmentation object (OUTPUT.dcm) over IMAGE's series (a DICOM input).")
 @json_option
 @pass_ctx
 def segment(ctx: Ctx, image: Path, output: Path, model: str | None, labels: str | None, fast: bool,
-            no_start: bool, timeout: float, as_json: bool) -> None:
+            no_start: bool, timeout: float, fmt: str, as_json: bool) -> None:
     """Segment IMAGE (NIfTI, NRRD, MHA or a DICOM folder) on the profile's server; write the mask to OUTPUT.
 
     Reuses a running server job of the profile or starts one. With no config at all this runs the same server
@@ -78,7 +80,14 @@ def segment(ctx: Ctx, image: Path, output: Path, model: str | None, labels: str 
     from ..serverjobs import ServerConnection
 
     # Everything that can be refused is refused here, before a server starts or an image is sent.
-    imaging.check_output_path(output, source=image)
+    if fmt == "dicom-seg":
+        from ..dicomseg import series_files
+
+        if output.suffix.lower() != ".dcm":
+            raise ImageError(f"{output}: a DICOM SEG is written as a .dcm file", hint="name it e.g. ct-seg.dcm")
+        series_files(image)  # a DICOM series, and one we can name
+    else:
+        imaging.check_output_path(output, source=image)
     img = imaging.as_volume(imaging.read_image(image), image)
     shown: list[str] = []
 
@@ -105,7 +114,12 @@ def segment(ctx: Ctx, image: Path, output: Path, model: str | None, labels: str 
     for warning in res.warnings:  # the model's own checks (e.g. "not CT-like") and what the client changed
         warn(warning)
     mask, names, version = res
-    imaging.write_mask(mask, output, names, reference=img)
+    if fmt == "dicom-seg":
+        from ..dicomseg import write_dicom_seg
+
+        write_dicom_seg(mask, image, output, names, model=model, version=str(version))
+    else:
+        imaging.write_mask(mask, output, names, reference=img)
     result = {"output": str(output), "model": model, "model_reason": why, "model_version": version, "labels": names,
               "job_id": conn.record.job_id if conn.record else None, "profile": ctx.profile.name,
               "warnings": shown}

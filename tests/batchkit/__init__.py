@@ -64,3 +64,44 @@ def check_outputs(out: Path, cases: dict[str, tuple[Path, int]], shape=(64, 64, 
             assert float(row[f"{name}_ml"]) == round(count * voxel_ml, 4)
     assert "the same image as case ct01" in rows["dup"]["warnings"]
     assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
+
+
+def write_ct_series(folder: Path, image: sitk.Image, series_number: int = 1, study_uid: str | None = None) -> str:
+    """Write ``image`` (int16 HU, axial) as a CT Image Storage series, one pydicom file per slice, with the
+    attributes a DICOM SEG needs from its source; returns the SeriesInstanceUID."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid, frame_uid = generate_uid(), generate_uid()
+    study_uid = study_uid or generate_uid()
+    arr = sitk.GetArrayFromImage(image).astype(np.int16)
+    spacing, direction = image.GetSpacing(), image.GetDirection()
+    for z in range(arr.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Test", "PH0001", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = \
+            "20261202", "120000", "", "", "1"
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", series_number, z + 1
+        ds.Manufacturer, ds.PositionReferenceIndicator = "hpcseg-test", ""
+        ds.ImagePositionPatient = [float(v) for v in image.TransformIndexToPhysicalPoint((0, 0, z))]
+        ds.ImageOrientationPatient = [float(v) for v in (direction[0], direction[3], direction[6],
+                                                         direction[1], direction[4], direction[7])]
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]
+        ds.SliceThickness = float(spacing[2])
+        ds.Rows, ds.Columns = arr.shape[1], arr.shape[2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.PixelData = arr[z].tobytes()
+        ds.save_as(folder / f"IM{series_number:02d}{z:04d}.dcm", enforce_file_format=True)
+    return series_uid

@@ -75,6 +75,7 @@ class UploadResult:
     split: str
     bytes_sent: int
     raw_bytes: int
+    annotated: list[str] | None = None
 
 
 def _sha256(path: Path) -> str:
@@ -129,6 +130,28 @@ def check_labels(present: list[int], labels: dict[str, int], mask_path: str | os
         raise DatasetError(f"refused: the mask {mask_path} has label values {unknown} the dataset does not know "
                            f"(it knows 0=background, {names})",
                            hint="relabel the mask, or create a new dataset with --labels NAME=VALUE,...")
+
+
+def annotated_labels(present: list[int], known: dict[str, int], declared: dict[str, int] | None,
+                     mask_path: str | os.PathLike) -> list[str]:
+    """The label names a mask annotates: what the uploader declares, else the labels present in it.
+
+    A declared label absent from the mask is "annotated as absent" (truly not there); a dataset label neither
+    declared nor present is "not annotated" (training learns nothing about it from this case). A value present
+    but not declared is refused: the declaration would be wrong.
+    """
+    check_labels(present, known, mask_path)
+    if declared:
+        extra = [v for v in present if v and v not in declared.values()]
+        if extra:
+            raise DatasetError(f"refused: the mask {mask_path} has label values {extra} that --labels does not "
+                               f"declare ({', '.join(f'{k}={v}' for k, v in declared.items())})",
+                               hint="declare every label the mask annotates, e.g. --labels "
+                               + ",".join(f"{k}={v}" for k, v in {**declared, **{n: v for n, v in known.items()
+                                                                                  if v in extra}}.items()))
+        return sorted(declared, key=lambda k: declared[k])
+    by_value = {v: k for k, v in known.items()}
+    return [by_value[v] for v in present if v]
 
 
 def prepare_pair(image_path: str | os.PathLike, mask_path: str | os.PathLike, labels: dict[str, int] | None,
@@ -195,6 +218,10 @@ if op == "commit":
         m = {"name": a["name"], "description": "hpcseg dataset", "tensorImageSize": "3D",
              "modality": {"0": a.get("modality", "CT")}, "labels": a["labels"], "numTraining": 0, "numTest": 0,
              "training": [], "validation": [], "test": [], "hpcseg": {"version": 1, "cases": {}}}
+    for v, n in a["labels"].items():  # a label declared for the first time joins the dataset's labels
+        if m["labels"].get(v, n) != n or (n in m["labels"].values() and m["labels"].get(v) != n):
+            print(json.dumps({"status": "labels", "labels": m["labels"]})); sys.exit(0)
+    m["labels"].update(a["labels"])
     cases = m.setdefault("hpcseg", {"version": 1, "cases": {}}).setdefault("cases", {})
     c = a["case"]; prov = a["provenance"]
     old = cases.get(c)
@@ -207,7 +234,8 @@ if op == "commit":
             print(json.dumps({"status": "corrupt", "file": os.path.basename(p)})); sys.exit(3)
     os.replace(src_i, os.path.join(d, "imagesTr", c + ".nii.gz"))
     os.replace(src_l, os.path.join(d, "labelsTr", c + ".nii.gz"))
-    entry = {"image": "./imagesTr/%s.nii.gz" % c, "label": "./labelsTr/%s.nii.gz" % c}
+    entry = {"image": "./imagesTr/%s.nii.gz" % c, "label": "./labelsTr/%s.nii.gz" % c,
+             "annotated": prov["labels_annotated"]}
     for key in ("training", "validation"):
         m[key] = [e for e in m.get(key, []) if e["image"] != entry["image"]]
     m["validation" if prov["split"] == "val" else "training"].append(entry)
@@ -314,15 +342,20 @@ class DatasetUploader:
             if not labels:
                 raise DatasetError(f"dataset {dataset!r} does not exist yet: say which labels it has",
                                    hint="e.g. --labels body=1,lungs=2,bone=3")
-            known = labels
+            known: dict[str, int] = {}
         else:
             known = {name: int(v) for v, name in st["labels"].items() if int(v) != 0}
-            if labels and any(known.get(k) != v for k, v in labels.items()):
-                raise DatasetError(f"labels {labels} differ from dataset {dataset!r}'s {known}")
-        check_labels(pair.labels_present, known, mask)
+        for k, v in (labels or {}).items():
+            other = next((n for n, val in known.items() if val == v and n != k), None)
+            if (k in known and known[k] != v) or other is not None:
+                raise DatasetError(f"labels {labels} disagree with dataset {dataset!r}'s {known}",
+                                   hint="use the dataset's values for its labels (hpcseg dataset show NAME)")
+        union = {**known, **(labels or {})}
+        annotated = annotated_labels(pair.labels_present, union, labels, mask)
         case = st.get("case")
         if case and case["image_sha256"] == pair.image_sha256 and case["label_sha256"] == pair.label_sha256:
-            return UploadResult(pair.case_id, "skipped", case["split"], 0, pair.raw_bytes)
+            return UploadResult(pair.case_id, "skipped", case["split"], 0, pair.raw_bytes,
+                                case.get("labels_annotated"))
         chosen = split if split != "auto" else ("val" if int(pair.image_sha256[:8], 16) % 5 == 0 else "train")
         d = self._dir(dataset)
         sent = done = 0
@@ -342,13 +375,17 @@ class DatasetUploader:
         prov = {"image_sha256": pair.image_sha256, "label_sha256": pair.label_sha256, "split": chosen,
                 "uploaded_by": f"{getpass.getuser()}@{socket.gethostname()}",
                 "uploaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "model_version": model_version, "labels_present": pair.labels_present}
+                "model_version": model_version, "labels_present": pair.labels_present,
+                "labels_annotated": annotated}
         out = self._remote(dataset, "commit", case=pair.case_id, provenance=prov, modality=modality,
-                           labels={"0": "background", **{str(v): k for k, v in known.items()}})
+                           labels={"0": "background", **{str(v): k for k, v in union.items()}})
+        if out["status"] == "labels":
+            raise DatasetError(f"labels {labels} disagree with dataset {dataset!r}'s {out['labels']} (changed "
+                               "meanwhile)", hint="use the dataset's values for its labels (hpcseg dataset show NAME)")
         if out["status"] == "corrupt":
             raise DatasetError(f"the copy of {out['file']} on the cluster does not match its hash; "
                                "nothing was added", hint="run the same upload again", retryable=True)
-        return UploadResult(pair.case_id, out["status"], out["split"], sent, pair.raw_bytes)
+        return UploadResult(pair.case_id, out["status"], out["split"], sent, pair.raw_bytes, annotated)
 
     def manifest(self, dataset: str) -> dict:
         text = self.shell.read_text(posixpath.join(self._dir(dataset), "dataset.json"))

@@ -2,15 +2,22 @@
 
 Layout under a models dir (the server serves ``<name>/current``)::
 
-    <name>/<version>/      weights, hpcseg-model.json, metrics.json, train.log: written once, never overwritten
+    <name>/<version>/      weights, hpcseg-model.json, metrics.json, train.log, gate.json (the promotion decision),
+                           reference.json + reference/ (its reference validation set): written once
     <name>/current         symlink to the version served; replaced atomically (symlink to a temp name + rename)
     <name>/history.jsonl   one line per fine-tuning run: base, new version, Dice before/after, decision
     <name>/.lock           flock for choosing version numbers
 
 The first fine-tune of a built-in model (e.g. ``phantom-unet``) starts from the copy shipped in the package.
 Versions are whole numbers counted up from the base's major version. The new version becomes ``current`` only if
-its mean validation Dice is not below the base model's on the same validation cases (or with ``--force``); a run
-that fails leaves ``current`` untouched and says why in the job's log.
+the promotion gate (:mod:`hpcseg.gate`) says so: no label's Dice drops by more than the tolerance (0.02) on the
+base version's reference set or on the dataset's validation split, compared label by label (never the mean), and
+the dataset has at least 3 validation cases; ``--force`` overrides and is recorded. The per-label table and the
+reason go to the job's log, the version's ``train.log``, ``gate.json`` and ``history.jsonl`` (``hpcseg models``
+shows them). A run that fails leaves ``current`` untouched and says why in the job's log.
+
+``HPCSEG_TEST_UNMASKED_LOSS=1`` in the job's environment disables the partial-label loss masking: a test-only
+switch for the ablation the gate must refuse (see :mod:`hpcseg.partial`); never set it for real work.
 
 This module runs inside the training job (``python -m hpcseg.modelstore finetune ...``, see
 ``templates/train.sh.j2``) and, for listings, on the login node.
@@ -79,39 +86,39 @@ def set_current(root: Path, version: str) -> None:
     os.replace(tmp, root / "current")
 
 
-def evaluate(folder: Path, dataset: Path, *, device: str = "auto", seed: int = 0) -> dict[str, float]:
-    """Mean Dice per label of a servable model on the dataset's validation cases (the split training uses)."""
-    import numpy as np
-    import SimpleITK as sitk
+def _eager(cases: list[Any]) -> list[Any]:
+    """Cases loaded once (phantoms are generated, files read): the same voxels score the base and the new."""
+    from .gate import Case
 
-    from . import imaging
+    out = []
+    for c in cases:
+        data = c.load()
+        out.append(Case(c.name, lambda data=data: data, c.annotated))
+    return out
+
+
+def evaluate(folder: Path, sets: dict[str, list[Any]], *, device: str = "auto") -> dict[str, dict[str, Any]]:
+    """Per-label Dice (:func:`hpcseg.gate.score`) of the servable model in ``folder`` on each named set."""
+    from .gate import score
     from .server.models import load_model
-    from .training import _dice_per_label, read_dataset
 
-    labels, _train, val = read_dataset(dataset, 0.2, seed)
     model = load_model(folder, device)
-    scores: dict[str, list[float]] = {k: [] for k in model.manifest.labels}
-    for case in val:
-        image, truth = imaging.read_image(case["image"]), imaging.read_image(case["label"])
-        pred = model.infer(image, {})
-        d = _dice_per_label(sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(truth),
-                            model.manifest.labels)
-        for k, v in d.items():
-            scores[k].append(v)
-    return {k: float(np.mean(v)) for k, v in scores.items() if v}
-
-
-def _mean(d: dict[str, float]) -> float:
-    return sum(d.values()) / len(d) if d else float("-inf")
+    return {name: score(lambda im: model.infer(im, {}), cases, model.manifest.labels) for name, cases in sets.items()}
 
 
 def finetune(models_dir: Path, name: str, dataset: Path, *, epochs: int | None = None, force: bool = False,
-             device: str = "auto", seed: int = 0) -> dict[str, Any]:
-    """Fine-tune the current version of ``name`` on ``dataset`` into a new version; promote it if no worse."""
+             device: str = "auto", seed: int = 0, tolerance: float | None = None,
+             label_map: dict[str, str] | None = None, masked: bool = True) -> dict[str, Any]:
+    """Fine-tune the current version of ``name`` on ``dataset`` into a new version; promote it only if the gate
+    (:func:`hpcseg.gate.decide`) finds no label worse by more than ``tolerance`` on the base version's reference
+    set or the dataset's validation split. ``masked=False`` is the test-only ablation of :mod:`hpcseg.partial`."""
     from .errors import HpcsegError
+    from .gate import TOLERANCE, decide, format_rows, reference_cases, write_reference
+    from .partial import label_value_map
     from .server.models import read_manifest
-    from .training import train
+    from .training import _cases_for_gate, model_cases, read_dataset, train
 
+    tolerance = TOLERANCE if tolerance is None else float(tolerance)
     base = current_folder(models_dir, name)
     if base is None:
         raise HpcsegError(f"no model {name!r} in {models_dir} and no built-in of that name")
@@ -120,28 +127,43 @@ def finetune(models_dir: Path, name: str, dataset: Path, *, epochs: int | None =
     version = reserve_version(root, base_manifest.version)
     log.info("fine-tuning %s %s (%s) on %s into version %s", name, base_manifest.version, base, dataset, version)
     try:
-        before = evaluate(base, dataset, device=device, seed=seed)
-        log.info("current version %s: validation Dice %.4f %s", base_manifest.version, _mean(before),
-                 json.dumps({k: round(v, 4) for k, v in before.items()}))
-        metrics = train(base, dataset, root / version, epochs=epochs, device=device, seed=seed, version=version)
+        labels, _train, val = read_dataset(dataset, 0.2, seed)
+        value_map, names = label_value_map(labels, base_manifest.labels, label_map)
+        val = model_cases(val, value_map, names, base_manifest.labels)
+        sets = {"reference": _eager(reference_cases(base)), "validation": _eager(_cases_for_gate(val))}
+        log.info("gate sets: reference %d case(s) kept with %s %s, validation %d case(s) of the dataset",
+                 len(sets["reference"]), name, base_manifest.version, len(sets["validation"]))
+        before = evaluate(base, sets, device=device)
+        metrics = train(base, dataset, root / version, epochs=epochs, device=device, seed=seed, version=version,
+                        label_map=label_map, masked=masked)
+        after = evaluate(root / version, sets, device=device)
+        write_reference(root / version, base, sets["validation"])
     finally:
         (root / f".reserved-{version}").unlink(missing_ok=True)
-    after = metrics["val_dice"]
-    promoted = force or _mean(after) >= _mean(before)
-    decision = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": name,
-                "base_version": base_manifest.version, "version": version, "dataset": str(dataset),
-                "val_dice_before": before, "val_dice_after": after, "mean_before": _mean(before),
-                "mean_after": _mean(after), "forced": force, "promoted": promoted}
-    if promoted:
+    decision = decide(before, after, n_val=len(sets["validation"]), tolerance=tolerance, force=force)
+    for w in decision.warnings:
+        log.warning("warning: %s", w)
+    table = [f"per-label Dice, {name} {base_manifest.version} -> {version} (tolerance {tolerance}):",
+             *("  " + line for line in format_rows(decision.rows))]
+    verdict = (f"promoted: {name} current -> {version}" if decision.promoted else
+               f"not promoted: current stays {base_manifest.version}") + ": " + "; ".join(decision.reasons)
+    for line in [*table, verdict]:
+        log.info("%s", line)
+    record = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": name,
+              "base_version": base_manifest.version, "version": version, "dataset": str(dataset),
+              "before": before, "after": after, "loss_masked": masked, "label_map": label_map or {},
+              "best_epoch": metrics["best_epoch"], **decision.to_dict()}
+    folder = root / version
+    tmp = folder / "gate.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(folder / "gate.json")
+    with open(folder / "train.log", "a", encoding="utf-8") as fh:  # the version's own log says it too
+        fh.write("".join(f"{line}\n" for line in [*decision.warnings, *table, verdict]))
+    if decision.promoted:
         set_current(root, version)
-        log.info("promoted: %s current -> %s (mean Dice %.4f -> %.4f%s)", name, version, _mean(before),
-                 _mean(after), ", forced" if force and _mean(after) < _mean(before) else "")
-    else:
-        log.info("not promoted: mean Dice dropped %.4f -> %.4f; current stays %s (use --force to override)",
-                 _mean(before), _mean(after), base_manifest.version)
     with _locked(root), open(root / "history.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(decision) + "\n")
-    return decision
+        fh.write(json.dumps(record) + "\n")
+    return record
 
 
 def list_models(models_dir: Path) -> list[dict[str, Any]]:
@@ -184,7 +206,28 @@ def _version_info(folder: Path, label: str) -> dict[str, Any]:
         info["val_dice"] = m.get("val_dice")
     except (OSError, ValueError):
         pass
+    try:
+        g = json.loads((folder / "gate.json").read_text(encoding="utf-8"))
+        info["gate"] = {k: g.get(k) for k in ("base_version", "promoted", "forced", "reasons", "warnings", "rows",
+                                               "tolerance", "dataset")}
+    except (OSError, ValueError):
+        pass
     return info
+
+
+def parse_label_map(text: str | None) -> dict[str, str] | None:
+    """``"tumour=liver,vessels=body"`` as a dict (None for None or empty)."""
+    from .errors import ConfigError
+
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        src, sep, dst = item.partition("=")
+        if not sep or not src.strip() or not dst.strip():
+            raise ConfigError(f"--label-map {text!r}: expected DATASET_LABEL=MODEL_LABEL,... e.g. tumour=liver")
+        out[src.strip()] = dst.strip()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--model", required=True)
     f.add_argument("--dataset", type=Path, required=True)
     f.add_argument("--epochs", type=int)
-    f.add_argument("--force", action="store_true", help="make the new version current even if Dice dropped")
+    f.add_argument("--force", action="store_true",
+                   help="make the new version current even if a label's Dice dropped or validation cases are few")
+    f.add_argument("--tolerance", type=float, help="largest accepted drop of a label's Dice (default 0.02)")
+    f.add_argument("--label-map", help="DATASET_LABEL=MODEL_LABEL,... for dataset labels the model lacks")
     f.add_argument("--device", default="auto")
     f.add_argument("--seed", type=int, default=0)
     ls = sub.add_parser("list", help="models, versions and metrics as JSON")
@@ -209,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = finetune(args.models_dir.expanduser(), args.model, args.dataset.expanduser(), epochs=args.epochs,
-                          force=args.force, device=args.device, seed=args.seed)
+                          force=args.force, device=args.device, seed=args.seed, tolerance=args.tolerance,
+                          label_map=parse_label_map(args.label_map),
+                          masked=os.environ.get("HPCSEG_TEST_UNMASKED_LOSS") != "1")
     except (HpcsegError, OSError, ValueError) as exc:
         log.error("training failed, current version untouched: %s", exc)
         return 2

@@ -3,8 +3,15 @@
 Why: tests, benchmarks, the built-in ``phantom-unet`` model and README's first command all need CT-like volumes
 whose true segmentation is known, without downloading patient data.
 
-A phantom is a torso seen in an axial CT, in Hounsfield units (HU), laid out relative to the field of view so that
-any shape and spacing gives a whole torso (physical size = shape × spacing)::
+A phantom is a torso seen in an axial CT, in Hounsfield units (HU). Two layouts:
+
+- ``body_mm=None`` (the default, for small fast tests): the torso fills the field of view whatever its shape and
+  spacing (physical size = shape × spacing), so a 64×64×48 volume at 1.5 mm holds a torso about 75 mm wide.
+- ``body_mm=W`` (realistic, for training and validating networks): the torso is W mm wide (left to right) wherever
+  the field of view is; anatomy lives in world millimetres around (0, 0, 0), and the field of view (shape ×
+  spacing, placed by ``origin``) is a window onto it: larger than the body (air around it) or smaller (the body
+  cut at the image's edge, as in a reduced reconstruction field of view). :func:`body_width_mm` draws W in
+  300–450 mm, the range of adult torsos; :func:`realistic_phantom` draws W, field of view, spacing and noise.
 
     label  name    what                                                       HU
     0      —       air outside the body (-1000) and the patient table (~200)
@@ -23,7 +30,8 @@ Example::
 
     image, labels, names = make_phantom(3, shape=(64, 64, 48), spacing=(1.5, 1.5, 2.0))
     names == {"body": 1, "lungs": 2, "bone": 3, "liver": 4}
-    write_sample_ct("sample_ct.nii.gz")      # 256×256×120 at 1.5×1.5×2.5 mm
+    write_sample_ct("sample_ct.nii.gz")      # 256×256×120 at 1.5×1.5×2.5 mm (a torso 296 mm wide)
+    image, labels, _ = make_phantom(3, shape=(128, 128, 64), spacing=(2.5, 2.5, 2.5), body_mm=body_width_mm(3))
 """
 
 from __future__ import annotations
@@ -37,23 +45,73 @@ from scipy import ndimage
 
 LABELS: dict[str, int] = {"body": 1, "lungs": 2, "bone": 3, "liver": 4}
 HU = {"air": -1000.0, "soft": 40.0, "fat": -90.0, "lung": -850.0, "bone": 700.0, "liver": 60.0, "table": 200.0}
+#: Adult torso widths (left to right) that realistic phantoms are drawn from, in mm.
+BODY_MM = (300.0, 450.0)
+# The fill-the-view layout puts the body's semi-axis at 0.78 of the half field of view laterally, and the
+# anatomy's z extent at 0.78 of the lateral scale (the sample CT: 384 mm wide, 300 mm high): realistic phantoms
+# keep those proportions.
+_BODY_SEMI = 0.78
+_Z_RATIO = 0.78
+
+
+def body_width_mm(seed: int) -> float:
+    """A torso width in :data:`BODY_MM` drawn from ``seed`` (its own stream: the phantom's voxels do not change)."""
+    return float(np.random.default_rng([seed, 7]).uniform(*BODY_MM))
+
+
+def realistic_phantom(seed: int, shape_range: tuple[int, int] = (64, 320),
+                      spacing_range: tuple[float, float] = (1.0, 2.5),
+                      noise_range: tuple[float, float] = (5.0, 20.0), max_fov_mm: float = 560.0,
+                      ) -> tuple[sitk.Image, sitk.Image, dict[str, int]]:
+    """A phantom at a realistic size with field of view, spacing, noise and centre drawn from ``seed``.
+
+    In-plane size and spacing are drawn from the ranges (the field of view capped at ``max_fov_mm``), slices
+    between 0.4 and 1 times the in-plane size at 1–2.5 times the in-plane spacing (at most 5 mm), and the field
+    of view's centre shifted by up to 10 % of the body width.
+
+    Example::
+
+        image, labels, names = realistic_phantom(12)
+    """
+    rng = np.random.default_rng([seed, 11])
+    sp = float(rng.uniform(*spacing_range))
+    n = int(rng.integers(shape_range[0], shape_range[1] + 1))
+    n = min(n, int(max_fov_mm / sp))
+    sz = float(min(5.0, sp * rng.uniform(1.0, 2.5)))
+    nz = max(16, int(n * rng.uniform(0.4, 1.0) * sp / sz))
+    width = body_width_mm(seed)
+    centre = [float(c) for c in rng.uniform(-0.1, 0.1, 3) * width]
+    shape, spacing = (n, n, nz), (sp, sp, sz)
+    origin = [c - (k - 1) * s / 2 for c, k, s in zip(centre, shape, spacing, strict=True)]
+    return make_phantom(seed, shape, spacing, origin=origin, noise=float(rng.uniform(*noise_range)), body_mm=width)
 
 
 def make_phantom(seed: int, shape: Sequence[int] = (64, 64, 48), spacing: Sequence[float] = (1.5, 1.5, 2.0),
                  origin: Sequence[float] | None = None, noise: float = 10.0,
-                 table: bool = True) -> tuple[sitk.Image, sitk.Image, dict[str, int]]:
+                 table: bool = True, body_mm: float | None = None) -> tuple[sitk.Image, sitk.Image, dict[str, int]]:
     """Make one phantom: ``(image int16 HU, labels uint8, label names)`` in the same geometry.
 
     ``shape`` and ``spacing`` are in ITK order (x, y, z). ``origin`` defaults to centring the field of view on
-    (0, 0, 0). The same seed and arguments always give the same voxels.
+    (0, 0, 0). ``body_mm`` None fills the field of view with the torso; a width in mm draws a torso that wide in
+    world coordinates (see the module docstring). The same seed and arguments always give the same voxels.
 
     Example::
 
         image, labels, names = make_phantom(7, shape=(80, 80, 40), spacing=(1.2, 1.2, 2.4))
     """
-    hu, lab = _draw(seed, tuple(int(s) for s in shape), tuple(float(s) for s in spacing), noise, table)
     if origin is None:
         origin = [-(n * s) / 2 + s / 2 for n, s in zip(shape, spacing, strict=True)]
+    shape_t, spacing_t = tuple(int(s) for s in shape), tuple(float(s) for s in spacing)
+    if body_mm is None:
+        half = tuple(n * s / 2 for n, s in zip(shape_t, spacing_t, strict=True))
+        centre = (0.0, 0.0, 0.0)
+    else:
+        # semi-axis = 0.78·sx·half: the seed's own scale jitter is divided out so that the width is body_mm
+        sx = _scale_x(seed)
+        half_xy = float(body_mm) / 2 / (_BODY_SEMI * sx)
+        half = (half_xy, half_xy, half_xy * _Z_RATIO)
+        centre = tuple(float(o) + (n - 1) * s / 2 for o, n, s in zip(origin, shape_t, spacing_t, strict=True))
+    hu, lab = _draw(seed, shape_t, spacing_t, noise, table, half, centre, body_mm is not None)
     image = sitk.GetImageFromArray(hu)
     labels = sitk.GetImageFromArray(lab)
     for im in (image, labels):
@@ -81,15 +139,33 @@ def write_sample_ct(path: str | Path, seed: int = 0, shape: Sequence[int] = (256
     return path
 
 
+def _scale_x(seed: int) -> float:
+    """The lateral scale factor ``_draw`` draws for ``seed`` (the same first three draws)."""
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.88, 1.08)
+    return float(scale * rng.uniform(0.95, 1.05))
+
+
 def _draw(seed: int, shape: tuple[int, int, int], spacing: tuple[float, float, float], noise: float,
-          table: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The voxels, as numpy arrays in SimpleITK's (z, y, x) order."""
+          table: bool, half: tuple[float, float, float], centre: tuple[float, float, float],
+          physical: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The voxels, as numpy arrays in SimpleITK's (z, y, x) order.
+
+    Anatomy is drawn in normalised coordinates: world millimetres over ``half`` (for the fill-the-view layout:
+    the half field of view, so [-1, 1] spans it), ``centre`` being the field of view's centre in world mm.
+    """
     rng = np.random.default_rng(seed)
     nx, ny, nz = shape
-    # Normalised coordinates in [-1, 1] across the field of view, centred on voxel centres.
-    x = ((np.arange(nx, dtype=np.float32) + 0.5) / nx * 2 - 1)[None, None, :]
-    y = ((np.arange(ny, dtype=np.float32) + 0.5) / ny * 2 - 1)[None, :, None]
-    z = ((np.arange(nz, dtype=np.float32) + 0.5) / nz * 2 - 1)[:, None, None]
+
+    def axis(n: int, sp: float, h: float, c: float) -> np.ndarray:
+        if not physical:  # [-1, 1] across the field of view, centred on voxel centres
+            return (np.arange(n, dtype=np.float32) + 0.5) / n * 2 - 1
+        return ((np.float32(c) + (np.arange(n, dtype=np.float32) + np.float32(0.5) - np.float32(n / 2))
+                 * np.float32(sp)) / np.float32(h))
+
+    x = axis(nx, spacing[0], half[0], centre[0])[None, None, :]
+    y = axis(ny, spacing[1], half[1], centre[1])[:, None][None]
+    z = axis(nz, spacing[2], half[2], centre[2])[:, None, None]
 
     scale = rng.uniform(0.88, 1.08)
     sx, sy = scale * rng.uniform(0.95, 1.05), scale * rng.uniform(0.95, 1.05)
@@ -128,7 +204,10 @@ def _draw(seed: int, shape: tuple[int, int, int], spacing: tuple[float, float, f
     lab[lungs] = LABELS["lungs"]
     hu[lungs] = HU["lung"]
     # Small vessels inside the lungs: soft-tissue density, lung label (as lung masks in real datasets).
-    vessel_mask = _vessels(rng, lungs)
+    if physical:  # vessels about 4 mm in radius, at least 12 mm inside the lung's edge
+        vessel_mask = _vessels(rng, lungs, 4.0 / min(spacing), max(2, round(12.0 / min(spacing))))
+    else:
+        vessel_mask = _vessels(rng, lungs)
     hu[vessel_mask] = HU["soft"]
 
     # Vertebral column: a cylinder along z, posterior in the body (in normalised field-of-view units).
@@ -153,14 +232,15 @@ def _draw(seed: int, shape: tuple[int, int, int], spacing: tuple[float, float, f
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), lab
 
 
-def _vessels(rng: np.random.Generator, lungs: np.ndarray) -> np.ndarray:
-    """A few small spheres well inside the lungs (about 6 % of the smallest extent across)."""
+def _vessels(rng: np.random.Generator, lungs: np.ndarray, radius: float | None = None,
+             inset: int | None = None) -> np.ndarray:
+    """A few small spheres well inside the lungs (default: about 6 % of the smallest extent across)."""
     out = np.zeros(lungs.shape, bool)
-    core = ndimage.binary_erosion(lungs, iterations=max(2, min(lungs.shape) // 12))
+    core = ndimage.binary_erosion(lungs, iterations=inset or max(2, min(lungs.shape) // 12))
     idx = np.argwhere(core)
     if len(idx) == 0:
         return out
-    r = max(1.0, min(lungs.shape) * 0.03)
+    r = radius if radius is not None else max(1.0, min(lungs.shape) * 0.03)
     zz, yy, xx = np.ogrid[: lungs.shape[0], : lungs.shape[1], : lungs.shape[2]]
     for k in rng.choice(len(idx), size=min(6, len(idx)), replace=False):
         cz, cy, cx = idx[k]

@@ -42,6 +42,7 @@ import SimpleITK as sitk
 
 from hpcseg import imaging
 from hpcseg.errors import DatasetError, HpcsegError
+from hpcseg.partial import annotated_values, label_value_map, partial_label_loss
 from hpcseg.server.modelbase import ModelManifest, resolve_device
 from hpcseg.server.models import read_manifest
 
@@ -51,40 +52,57 @@ log = logging.getLogger("hpcseg.training")
 BUILTINS: dict[str, dict[str, Any]] = {
     "phantom-unet": {
         "manifest": {
-            "name": "phantom-unet", "version": "1.0.0", "type": "segmentation",
+            "name": "phantom-unet", "version": "2.0.0", "type": "segmentation",
             "labels": {"body": 1, "lungs": 2, "bone": 3, "liver": 4},
-            "description": "A small 3D UNet trained on hpcseg's synthetic CT phantoms (body, lungs, bone, liver); "
-                           "a demonstration model for phantoms, not for patients.",
+            "description": "A small 3D UNet trained on hpcseg's synthetic CT phantoms (body, lungs, bone, liver) at "
+                           "realistic sizes; a demonstration model for phantoms, not for patients.",
             "network": {"name": "UNet", "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 5,
                                                  "channels": [16, 32, 64, 128], "strides": [2, 2, 2],
                                                  "num_res_units": 1}},
-            "spacing": [1.5, 1.5, 2.0], "roi_size": [64, 64, 48], "overlap": 0.25, "sw_batch_size": 1,
+            # A coarse grid: every input is seen at its physical size in voxels (a 300-450 mm torso is 100-150
+            # voxels across), so the network need not learn scale, and a whole CT is a few windows.
+            "spacing": [3.0, 3.0, 3.0], "roi_size": [48, 48, 48], "overlap": 0.25, "sw_batch_size": 1,
             "intensity": {"a_min": -1000, "a_max": 1000, "b_min": 0.0, "b_max": 1.0, "clip": True},
-            # fast: no window overlap; a coarser grid would shrink the anatomy the network learned at this scale
             "extra": {"orientation": "LPS", "expect": {"modality": "CT"}, "fast": {"overlap": 0.0}},
         },
-        # Training phantoms on the model grid and on two other grids of the same field of view, so the network
-        # also sees what resampling does; validation seeds are never used for training.
-        "phantoms": {"train_seeds": list(range(0, 48)), "val_seeds": list(range(1000, 1004)),
-                     "grids": [((64, 64, 48), (1.5, 1.5, 2.0)), ((80, 80, 40), (1.2, 1.2, 2.4)),
-                               ((48, 48, 64), (2.0, 2.0, 1.5))]},
-        "epochs": 40, "lr": 3e-3, "batch_size": 2,
+        # Realistic phantoms (torso 300-450 mm wide, field of view, spacing, noise and centre drawn per seed);
+        # validation seeds are never used for training.
+        "phantoms": {"train_seeds": list(range(0, 64)), "val_seeds": list(range(1000, 1004)),
+                     "realistic": {"shape_range": [48, 200], "spacing_range": [1.5, 3.5]}},
+        "epochs": 20, "lr": 3e-3, "batch_size": 2, "val_every": 5,
+        # The reference validation set kept with the model (reference.json): phantoms across sizes. The gate
+        # compares every fine-tuned version with its base on these, label by label.
+        "reference": {"phantoms": [
+            {"seed": 2000, "shape": [64, 64, 48], "spacing": [2.5, 2.5, 2.5], "body_mm": 320.0},
+            {"seed": 2001, "shape": [128, 128, 64], "spacing": [2.5, 2.5, 2.5], "body_mm": 300.0},
+            {"seed": 2002, "shape": [160, 160, 64], "spacing": [2.0, 2.0, 3.0], "body_mm": 440.0, "noise": 15.0},
+            {"seed": 2003, "shape": [192, 192, 80], "spacing": [1.8, 1.8, 2.5], "body_mm": 380.0, "noise": 5.0}]},
     },
 }
 
 
 def make_phantom_dataset(folder: Path, train_seeds: list[int], val_seeds: list[int],
-                         grids: list[tuple[tuple[int, int, int], tuple[float, float, float]]]) -> Path:
-    """Write an MSD-shaped dataset of phantoms (seed i uses grid i mod len(grids); validation on the first grid)."""
-    from hpcseg.phantoms import LABELS, make_phantom
+                         grids: list[tuple[tuple[int, int, int], tuple[float, float, float]]] | None = None,
+                         realistic: dict[str, Any] | None = None) -> Path:
+    """Write an MSD-shaped dataset of phantoms.
+
+    With ``grids``: seed i uses grid i mod len(grids) (validation on the first grid), the torso filling the view.
+    With ``realistic``: :func:`hpcseg.phantoms.realistic_phantom` keyword arguments (torsos at real sizes).
+    """
+    from hpcseg.phantoms import LABELS, make_phantom, realistic_phantom
 
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(exist_ok=True)
     entries: dict[str, list[dict[str, str]]] = {"training": [], "validation": []}
     for split, seeds in (("training", train_seeds), ("validation", val_seeds)):
         for i, seed in enumerate(seeds):
-            shape, spacing = grids[i % len(grids)] if split == "training" else grids[0]
-            image, labels, _ = make_phantom(seed, shape, spacing)
+            if realistic is not None:
+                kw = {k: tuple(v) if isinstance(v, list) else v for k, v in realistic.items()}
+                image, labels, _ = realistic_phantom(seed, **kw)
+            else:
+                assert grids, "make_phantom_dataset needs grids or realistic"
+                shape, spacing = grids[i % len(grids)] if split == "training" else grids[0]
+                image, labels, _ = make_phantom(seed, shape, spacing)
             name = f"phantom_{seed:04d}.nii.gz"
             sitk.WriteImage(image, str(folder / "imagesTr" / name), useCompression=True)
             sitk.WriteImage(labels, str(folder / "labelsTr" / name), useCompression=True)
@@ -98,7 +116,12 @@ def make_phantom_dataset(folder: Path, train_seeds: list[int], val_seeds: list[i
 
 def read_dataset(dataset_dir: Path, val_fraction: float = 0.2,
                  seed: int = 0) -> tuple[dict[str, int], list[dict], list[dict]]:
-    """(labels name→value, training cases, validation cases) of an MSD dataset; paths made absolute."""
+    """(labels name→value, training cases, validation cases) of an MSD dataset; paths made absolute.
+
+    A case is ``{"image", "label", "annotated"}``: ``annotated`` lists the label names its mask annotates (an
+    entry's own ``"annotated"`` in dataset.json, written by ``hpcseg upload``), None when the entry does not say
+    (then every dataset label is annotated).
+    """
     path = Path(dataset_dir) / "dataset.json"
     try:
         meta = json.loads(path.read_text())
@@ -113,9 +136,14 @@ def read_dataset(dataset_dir: Path, val_fraction: float = 0.2,
     def resolve(entries: list) -> list[dict]:
         out = []
         for e in entries or []:
-            case = {k: str((Path(dataset_dir) / e[k]).resolve()) for k in ("image", "label")}
+            case: dict[str, Any] = {k: str((Path(dataset_dir) / e[k]).resolve()) for k in ("image", "label")}
             if not (Path(case["image"]).exists() and Path(case["label"]).exists()):
                 raise DatasetError(f"{path}: case {e} names a file that does not exist")
+            ann = e.get("annotated")
+            if ann is not None and not set(ann) <= set(labels):
+                raise DatasetError(f"{path}: case {e['image']} annotates {sorted(set(ann) - set(labels))}, "
+                                   f"which are not among the dataset's labels {sorted(labels)}")
+            case["annotated"] = list(ann) if ann is not None else None
             out.append(case)
         return out
 
@@ -130,46 +158,74 @@ def read_dataset(dataset_dir: Path, val_fraction: float = 0.2,
     return labels, train_cases, val_cases
 
 
+def model_cases(cases: list[dict], value_map: dict[int, int], names: dict[str, str],
+                model_labels: dict[str, int]) -> list[dict]:
+    """Dataset cases in the model's terms: ``annotated`` as model label names, ``value_map`` to remap masks."""
+    by_value = {v: k for k, v in model_labels.items()}
+    return [{**c, "annotated": [by_value[v] for v in annotated_values(c, names, model_labels)],
+             "value_map": value_map} for c in cases]
+
+
+def _read_label(case: dict) -> sitk.Image:
+    """The case's mask with dataset label values remapped to the model's (values not in the map become 0)."""
+    label = imaging.read_image(case["label"])
+    vm = case.get("value_map")
+    if not vm or all(k == v for k, v in vm.items()):
+        return label
+    arr = sitk.GetArrayFromImage(label)
+    lut = np.zeros(max(int(arr.max()), max(vm)) + 1, np.uint8)
+    for k, v in vm.items():
+        lut[k] = v
+    out = sitk.GetImageFromArray(lut[arr])
+    out.CopyInformation(label)
+    return out
+
+
 def _prepare(case: dict, manifest: ModelManifest) -> dict[str, Any]:
-    """One case on the model's grid: {"image": (1, X, Y, Z) float32, "label": (1, X, Y, Z) int64} tensors."""
+    """One case on the model's grid: image (1, X, Y, Z) float32, label (1, X, Y, Z) uint8, annotated (C,) bool."""
     import torch
 
     from hpcseg.server.inference import image_to_tensor, model_grid_params, to_model_space
 
-    image, label = imaging.read_image(case["image"]), imaging.read_image(case["label"])
+    image, label = imaging.read_image(case["image"]), _read_label(case)
     spacing, direction = model_grid_params(manifest, image, {})
     grid = to_model_space(image, spacing, direction)
     label = imaging.resample_to_reference(label, grid)
-    lab = torch.from_numpy(np.ascontiguousarray(sitk.GetArrayFromImage(label).transpose(2, 1, 0)).astype(np.int64))
-    return {"image": image_to_tensor(grid, manifest.intensity)[0], "label": lab[None]}
+    lab = torch.from_numpy(np.ascontiguousarray(sitk.GetArrayFromImage(label).transpose(2, 1, 0)).astype(np.uint8))
+    annotated = torch.zeros(max(manifest.labels.values()) + 1, dtype=torch.bool)
+    annotated[0] = True
+    for name in case.get("annotated") or manifest.labels:
+        annotated[manifest.labels[name]] = True
+    return {"image": image_to_tensor(grid, manifest.intensity)[0], "label": lab[None], "annotated": annotated}
 
 
-def _dice_per_label(pred: np.ndarray, truth: np.ndarray, labels: dict[str, int]) -> dict[str, float]:
-    out = {}
-    for name, v in labels.items():
-        p, t = pred == v, truth == v
-        denom = int(p.sum() + t.sum())
-        out[name] = 1.0 if denom == 0 else 2.0 * float((p & t).sum()) / denom
-    return out
+def _cases_for_gate(cases: list[dict]) -> list[Any]:
+    from hpcseg.gate import Case
+
+    return [Case(Path(c["image"]).name, lambda c=c: (imaging.read_image(c["image"]), _read_label(c)),
+                 c.get("annotated")) for c in cases]
 
 
 def train(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, epochs: int | None = None,
           device: str = "auto", lr: float | None = None, batch_size: int | None = None, seed: int = 0,
-          val_fraction: float = 0.2, version: str | None = None, dataset_name: str | None = None) -> dict[str, Any]:
+          val_fraction: float = 0.2, version: str | None = None, dataset_name: str | None = None,
+          label_map: dict[str, str] | None = None, masked: bool = True) -> dict[str, Any]:
     """Train ``model`` (a built-in name or a model folder to fine-tune) on ``dataset_dir``; write ``out_dir``.
 
     Returns the metrics written to ``out_dir/metrics.json`` (best epoch, per-label validation Dice, history).
-    ``dataset_name`` is what the manifest records as the dataset (default: its path).
+    ``dataset_name`` is what the manifest records as the dataset (default: its path). ``label_map`` maps
+    dataset label names the model does not have onto its labels. ``masked=False`` is a test-only switch: it
+    trains every case as if fully annotated (see :mod:`hpcseg.partial`).
 
     Example::
 
         train("phantom-unet", "datasets/phantoms", "models/phantom-unet", epochs=5, device="auto")
     """
     import torch
-    from monai.losses import DiceCELoss
     from monai.transforms import Compose, RandCropByPosNegLabeld, RandScaleIntensityd, RandShiftIntensityd, SpatialPadd
     from monai.utils import set_determinism
 
+    from hpcseg.gate import mean_dice, score
     from hpcseg.server.inference import segment
     from hpcseg.server.network_models import build_network, load_state_dict
 
@@ -186,6 +242,7 @@ def train(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, epoch
     epochs = int(epochs or recipe.get("epochs", 10))
     lr = float(lr or recipe.get("lr", 1e-3))
     batch_size = int(batch_size or recipe.get("batch_size", 2))
+    val_every = int(recipe.get("val_every", 1))
     dev = resolve_device(device)
     out = Path(out_dir)
     part = out.with_name(out.name + ".partial")
@@ -198,14 +255,17 @@ def train(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, epoch
         log.setLevel(logging.INFO)
     try:
         labels, train_cases, val_cases = read_dataset(Path(dataset_dir), val_fraction, seed)
-        clash = {k: v for k, v in labels.items() if manifest.labels.get(k, v) != v}
-        if clash:
-            raise DatasetError(f"dataset labels {clash} disagree with the model's {manifest.labels}")
+        value_map, names = label_value_map(labels, manifest.labels, label_map)
+        train_cases = model_cases(train_cases, value_map, names, manifest.labels)
+        val_cases = model_cases(val_cases, value_map, names, manifest.labels)
         set_determinism(seed=seed)
         t0 = time.monotonic()
-        log.info("training %s on %d cases (%d validation) for %d epochs on %s", manifest.name, len(train_cases),
-                 len(val_cases), epochs, dev)
+        partial = sum(1 for c in train_cases if set(c["annotated"]) != set(manifest.labels))
+        log.info("training %s on %d cases (%d validation) for %d epochs on %s; %d case%s annotate only some "
+                 "labels (%s)", manifest.name, len(train_cases), len(val_cases), epochs, dev, partial,
+                 "" if partial == 1 else "s", "their loss is masked" if masked else "MASKING DISABLED")
         data = [_prepare(c, manifest) for c in train_cases]
+        log.info("%d training cases on the model's grid (%.0f s)", len(data), time.monotonic() - t0)
         roi = manifest.roi_size or [96, 96, 96]
         augment = Compose([SpatialPadd(["image", "label"], roi),
                            RandCropByPosNegLabeld(["image", "label"], "label", roi, pos=2, neg=1, num_samples=1),
@@ -214,73 +274,77 @@ def train(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, epoch
         net = build_network(manifest.network or {}).to(dev)
         if start_weights is not None:
             net.load_state_dict(load_state_dict(start_weights, "cpu"))
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, **recipe.get("loss", {}))
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         rng = random.Random(seed)
-        history, best, best_state = [], -1.0, None
+        gate_val = _cases_for_gate(val_cases)
+
+        def validate() -> dict[str, dict[str, Any]]:
+            net.eval()
+            with torch.inference_mode():
+                return score(lambda im: segment(im, net, manifest, {}, device=dev), gate_val, manifest.labels)
+
+        history, best, best_state = [], -float("inf"), None
         for epoch in range(1, epochs + 1):
             te = time.monotonic()
             net.train()
             order = rng.sample(range(len(data)), len(data))
             losses = []
             for b in range(0, len(order), batch_size):
-                items = [augment(data[i])[0] for i in order[b : b + batch_size]]
-                x = torch.stack([it["image"] for it in items]).to(dev)
-                y = torch.stack([it["label"] for it in items]).to(dev)
+                items = [augment({k: v for k, v in data[i].items() if k != "annotated"})[0]
+                         for i in order[b : b + batch_size]]
+                # plain tensors: MetaTensor's per-op bookkeeping costs more than the small network itself
+                x = torch.stack([torch.as_tensor(it["image"]).as_subclass(torch.Tensor) for it in items]).to(dev)
+                y = torch.stack([torch.as_tensor(it["label"]).as_subclass(torch.Tensor).long()
+                                 for it in items]).to(dev)
+                ann = torch.stack([data[i]["annotated"] for i in order[b : b + batch_size]]).to(dev)
                 opt.zero_grad()
-                loss = loss_fn(net(x), y)
+                loss = partial_label_loss(net(x), y, ann, masked=masked)
                 loss.backward()
                 opt.step()
                 losses.append(loss.item())
             sched.step()
-            dice = _validate(net, manifest, val_cases, dev, segment) if val_cases else {}
-            mean = float(np.mean(list(dice.values()))) if dice else -float(np.mean(losses))
+            checked = bool(val_cases) and (epoch % val_every == 0 or epoch == epochs)
+            scores = validate() if checked else {}
+            dice = {k: v["dice"] for k, v in scores.items()}
+            mean = mean_dice(scores) if scores else None
             history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": dice,
                             "seconds": round(time.monotonic() - te, 1)})
-            per = " ".join(f"{k} {v:.3f}" for k, v in dice.items())
+            per = " ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in dice.items())
             log.info("epoch %d/%d loss %.4f val_dice %s%s %.0f s", epoch, epochs, np.mean(losses),
-                     f"{mean:.3f}" if dice else "n/a", f" ({per})" if per else "", time.monotonic() - te)
-            if mean > best:
-                best, best_state = mean, {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+                     f"{mean:.3f}" if mean is not None else "n/a", f" ({per})" if per else "",
+                     time.monotonic() - te)
+            # best: the highest mean Dice over scored labels among validated epochs; without validation, the last
+            key = mean if mean is not None else (None if val_cases else -float(np.mean(losses)))
+            if key is not None and key > best:
+                best, best_state = key, {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+                best_epoch = history[-1]
         assert best_state is not None
         torch.save(best_state, part / "model.pt")
-        best_epoch = max(history, key=lambda h: float(np.mean(list(h["val_dice"].values()))) if h["val_dice"]
-                         else -h["loss"])
         manifest.weights = "model.pt"
         manifest.version = version or manifest.version
         manifest.extra = {**manifest.extra, "trained": {
             "dataset": dataset_name or str(dataset_dir), "epochs": epochs, "best_epoch": best_epoch["epoch"],
-            "val_dice": best_epoch["val_dice"], "from": str(start_weights) if start_weights else None}}
+            "val_dice": best_epoch["val_dice"], "from": str(start_weights) if start_weights else None,
+            "loss_masked": masked}}
         manifest.save(part)
+        if recipe.get("reference"):
+            from hpcseg.gate import write_reference
+
+            write_reference(part, None, phantoms=recipe["reference"]["phantoms"])
         metrics = {"model": manifest.name, "version": manifest.version, "best_epoch": best_epoch["epoch"],
                    "val_dice": best_epoch["val_dice"], "train_cases": len(train_cases),
                    "val_cases": len(val_cases), "device": dev, "seconds": round(time.monotonic() - t0, 1),
-                   "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "history": history}
+                   "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "loss_masked": masked,
+                   "label_map": label_map or {}, "history": history}
         (part / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log.info("best epoch %d: val_dice %s; model written to %s", best_epoch["epoch"],
-                 json.dumps({k: round(v, 4) for k, v in best_epoch["val_dice"].items()}), out)
+                 json.dumps({k: None if v is None else round(v, 4) for k, v in best_epoch["val_dice"].items()}), out)
     finally:
         log.removeHandler(handler)
         handler.close()
     _replace_dir(part, out)
     return metrics
-
-
-def _validate(net: Any, manifest: ModelManifest, cases: list[dict], dev: str, segment: Any) -> dict[str, float]:
-    """Mean Dice per label over ``cases``, through the server's inference path on the original geometry."""
-    import torch
-
-    net.eval()
-    scores: dict[str, list[float]] = {k: [] for k in manifest.labels}
-    with torch.inference_mode():
-        for case in cases:
-            image, truth = imaging.read_image(case["image"]), imaging.read_image(case["label"])
-            pred = segment(image, net, manifest, {}, device=dev)
-            d = _dice_per_label(sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(truth), manifest.labels)
-            for k, v in d.items():
-                scores[k].append(v)
-    return {k: float(np.mean(v)) for k, v in scores.items()}
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

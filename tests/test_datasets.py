@@ -135,3 +135,42 @@ def test_parallel_uploaders_lose_nothing(up, tmp_path):
         got = subprocess.run(["sha256sum", root / "imagesTr" / f"{case}.nii.gz", root / "labelsTr" / f"{case}.nii.gz"],
                              capture_output=True, text=True, check=True).stdout.split()
         assert got[0] == prov["image_sha256"] and got[2] == prov["label_sha256"]
+
+
+def test_each_case_records_the_labels_its_mask_annotates(up, tmp_path):
+    """Declared labels are annotated (absent = annotated as absent); without a declaration, the labels present."""
+    ip, mp = make_pair(tmp_path, 1)  # the mask holds value 2 (lungs) only
+    full = up.upload(ip, mp, dataset="partial", labels=LABELS)
+    assert full.annotated == ["body", "lungs", "bone", "liver"]
+    ip2, mp2 = make_pair(tmp_path, 2)  # value 3 (bone) only, nothing declared
+    assert up.upload(ip2, mp2, dataset="partial").annotated == ["bone"]
+    ip3, mp3 = make_pair(tmp_path, 5)  # value 2 (lungs) only, declared lungs + liver: liver annotated as absent
+    assert up.upload(ip3, mp3, dataset="partial", labels={"lungs": 2, "liver": 4}).annotated == ["lungs", "liver"]
+    man = up.manifest("partial")
+    by_image = {e["image"]: e["annotated"] for e in man["training"] + man["validation"]}
+    assert sorted(map(tuple, by_image.values())) == [("body", "lungs", "bone", "liver"), ("bone",),
+                                                     ("lungs", "liver")]
+    assert man["hpcseg"]["cases"][full.case_id]["labels_annotated"] == ["body", "lungs", "bone", "liver"]
+    from hpcseg.training import read_dataset
+
+    labels, tr, val = read_dataset(Path(up.root) / "partial")
+    assert labels == LABELS and sorted(map(tuple, (c["annotated"] for c in tr + val))) == sorted(
+        map(tuple, by_image.values()))
+
+
+def test_declared_labels_must_cover_the_mask_and_agree_with_the_dataset(up, tmp_path):
+    ip, mp = make_pair(tmp_path, 1)  # value 2
+    up.upload(ip, mp, dataset="decl", labels={"lungs": 2})
+    ip4, mp4 = make_pair(tmp_path, 4)  # value 1
+    with pytest.raises(DatasetError, match=r"label values \[1\] the dataset does not know"):
+        up.upload(ip4, mp4, dataset="decl")
+    up.upload(*make_pair(tmp_path, 8), dataset="decl", labels={"body": 1})  # value 1: body joins the dataset
+    with pytest.raises(DatasetError, match=r"label values \[1\] that --labels does not declare") as err:
+        up.upload(ip4, mp4, dataset="decl", labels={"lungs": 2})
+    assert "body=1" in err.value.hint
+    with pytest.raises(DatasetError, match="disagree"):
+        up.upload(*make_pair(tmp_path, 2), dataset="decl", labels={"lungs": 3})
+    with pytest.raises(DatasetError, match="disagree"):
+        up.upload(*make_pair(tmp_path, 2), dataset="decl", labels={"spleen": 2})
+    up.upload(*make_pair(tmp_path, 2), dataset="decl", labels={"bone": 3})  # value 3: bone joins too
+    assert up.manifest("decl")["labels"] == {"0": "background", "1": "body", "2": "lungs", "3": "bone"}

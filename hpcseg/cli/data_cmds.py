@@ -38,7 +38,9 @@ def _labels(text: str | None) -> dict[str, int] | None:
 @main.command()
 @click.argument("pairs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--dataset", "-d", required=True, help="Dataset name on the cluster (created on first upload).")
-@click.option("--labels", help="For a new dataset: NAME=VALUE,... (default: the mask's .labels.json sidecar).")
+@click.option("--labels", help="The labels these masks annotate, NAME=VALUE,... (default: the mask's .labels.json "
+              "sidecar, else the labels present). A declared label absent from a mask is annotated as absent; a "
+              "label not declared is not annotated, and training learns nothing about it from these cases.")
 @click.option("--split", type=click.Choice(["train", "val", "auto"]), default="auto", show_default=True)
 @click.option("--model-version", help="Which model version produced the first mask (provenance).")
 @json_option
@@ -49,7 +51,8 @@ def upload(ctx: Ctx, pairs: tuple[Path, ...], dataset: str, labels: str | None, 
 
     Each pair is checked before a byte is sent (readable, same geometry, known non-empty integer labels),
     compressed, hashed and moved into place only when complete. Run the same command again to finish an
-    interrupted upload; pairs already there are skipped.
+    interrupted upload; pairs already there are skipped. Each case records which labels its mask annotates
+    (partial masks are fine: fine-tuning masks the loss of the labels a case leaves out).
     """
     if len(pairs) % 2:
         raise DatasetError("give pairs: IMAGE MASK [IMAGE MASK ...]")
@@ -79,7 +82,8 @@ def upload(ctx: Ctx, pairs: tuple[Path, ...], dataset: str, labels: str | None, 
         results.append({"image": str(image), "mask": str(mask), **r.__dict__})
         if not as_json:
             click.echo(f"{r.status:<8} {image.name} -> {dataset}/{r.case_id} ({r.split}; "
-                       f"{r.bytes_sent / 1e6:.1f} MB sent for {r.raw_bytes / 1e6:.1f} MB raw)")
+                       f"{r.bytes_sent / 1e6:.1f} MB sent for {r.raw_bytes / 1e6:.1f} MB raw"
+                       + (f"; annotates {', '.join(r.annotated)}" if r.annotated else "") + ")")
     if as_json:
         emit_json(results)
     if failed:
@@ -131,20 +135,32 @@ def dataset_show(ctx: Ctx, name: str, as_json: bool) -> None:
 @click.option("--model", "-m", required=True, help="Model to fine-tune (its current version).")
 @click.option("--dataset", "-d", required=True, help="Dataset on the cluster.")
 @click.option("--epochs", type=int, help="Training epochs (default: the model's recipe).")
-@click.option("--force", is_flag=True, help="Make the new version current even if validation Dice dropped.")
+@click.option("--force", is_flag=True, help="Make the new version current even if a label's Dice dropped beyond "
+              "the tolerance or the dataset has fewer than 3 validation cases.")
+@click.option("--tolerance", type=float, help="Largest drop of any label's Dice the gate accepts (default 0.02).")
+@click.option("--label-map", help="DATASET_LABEL=MODEL_LABEL,... for dataset labels the model does not have.")
 @click.option("--wait/--no-wait", default=False, help="Wait for the job to end, printing its log.")
 @click.option("--dry-run", is_flag=True, help="Print the job script, submit nothing.")
 @json_option
 @pass_ctx
-def train(ctx: Ctx, model: str, dataset: str, epochs: int | None, force: bool, wait: bool, dry_run: bool,
-          as_json: bool) -> None:
+def train(ctx: Ctx, model: str, dataset: str, epochs: int | None, force: bool, tolerance: float | None,
+          label_map: str | None, wait: bool, dry_run: bool, as_json: bool) -> None:
     """Fine-tune a model on a dataset in a batch job; the new version becomes current only if no worse.
 
-    Follow it with `hpcseg logs JOB -f`; list versions with `hpcseg models`.
+    The gate compares the base and new versions label by label on the base's reference set and on the dataset's
+    validation split: any label whose Dice drops by more than the tolerance keeps the base current. Follow the
+    job with `hpcseg logs JOB -f`; `hpcseg models` shows the per-label figures and the decision.
     """
+    from ..modelstore import parse_label_map
+
     jm = ctx.jobs
+    parse_label_map(label_map)  # a malformed map fails here, not in the job
     params = {"model": model, "dataset": posixpath.join(jm.abs_path(ctx.profile.datasets_path), dataset),
               "force": force}
+    if tolerance is not None:
+        params["tolerance"] = tolerance
+    if label_map:
+        params["label_map"] = label_map
     if epochs:
         params["epochs"] = epochs
     if dry_run:
@@ -166,7 +182,8 @@ def train(ctx: Ctx, model: str, dataset: str, epochs: int | None, force: bool, w
 @json_option
 @pass_ctx
 def models(ctx: Ctx, as_json: bool) -> None:
-    """Models on the cluster (and built-in), their versions and validation Dice; * marks the current one."""
+    """Models on the cluster (and built-in), their versions, and for each fine-tuned version the gate's per-label
+    Dice before/after (reference set and validation split) and why it was or was not promoted; * marks current."""
     jm = ctx.jobs
     prof = ctx.profile
     activate = f". {shlex.quote(jm.abs_path(prof.venv))}/bin/activate && " if prof.venv else ""
@@ -180,13 +197,23 @@ def models(ctx: Ctx, as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
+    from ..gate import format_rows
+
     for m in rows:
         click.echo(f"{m['name']}{' (built-in)' if m['builtin'] else ''}")
         for v in m["versions"]:
-            dice = v.get("val_dice") or {}
-            mean = f"mean Dice {sum(dice.values()) / len(dice):.3f}" if dice else ""
+            dice = {k: d for k, d in (v.get("val_dice") or {}).items() if d is not None}
+            per = "val Dice " + " ".join(f"{k} {d:.3f}" for k, d in dice.items()) if dice else ""
             mark = "*" if v["version"] == m["current"] else " "
-            click.echo(f"  {mark} {v['version']:<10} {v.get('model_version') or '':<10} {mean}")
+            click.echo(f"  {mark} {v['version']:<10} {v.get('model_version') or '':<10} {per}")
+            gate = v.get("gate")
+            if gate:
+                verdict = "promoted" if gate.get("promoted") else "not promoted"
+                click.echo(f"      from {gate.get('base_version')}: {verdict}: {'; '.join(gate.get('reasons') or [])}")
+                for w in gate.get("warnings") or []:
+                    click.echo(f"      warning: {w}")
+                for line in format_rows(gate.get("rows") or []):
+                    click.echo(f"        {line}")
 
 
 @main.command()

@@ -95,3 +95,44 @@ def test_cli_fine_tunes_from_a_folder(dataset, start_model, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["model"] == "tiny"
     assert main(["--model", str(start_model), "--dataset", str(tmp_path / "nope"), "--out", str(out)]) == 1
     assert sitk.ReadImage(str(dataset / "labelsTr" / "phantom_0001.nii.gz")).GetSize() == (24, 24, 16)
+
+
+@pytest.fixture()
+def models_dir(start_model, tmp_path):
+    """A models dir whose tiny/1 (the start model) is current, as a cluster's would be."""
+    import shutil
+
+    root = tmp_path / "models"
+    shutil.copytree(start_model, root / "tiny" / "1")
+    (root / "tiny" / "current").symlink_to("1")
+    return root
+
+
+def test_one_validation_case_warns_and_needs_force(dataset, models_dir, caplog):
+    from hpcseg.modelstore import finetune
+
+    with caplog.at_level("INFO", logger="hpcseg.modelstore"):
+        rec = finetune(models_dir, "tiny", dataset, epochs=1, device="cpu")
+    assert not rec["promoted"] and "only 1 validation case" in rec["warnings"][0]
+    assert any("too few validation cases (1 < 3)" in r for r in rec["reasons"])
+    assert "warning: only 1 validation case" in caplog.text and "not promoted: current stays 1" in caplog.text
+    assert (models_dir / "tiny" / "current").resolve().name == "1"
+    forced = finetune(models_dir, "tiny", dataset, epochs=1, device="cpu", force=True)
+    assert forced["promoted"] and forced["forced"] and forced["warnings"]
+    assert (models_dir / "tiny" / "current").resolve().name == forced["version"] == "3"
+    history = [json.loads(line) for line in (models_dir / "tiny" / "history.jsonl").read_text().splitlines()]
+    assert [h["promoted"] for h in history] == [False, True]
+    # the per-label table is in the new version's own log too
+    assert "validation body" in (models_dir / "tiny" / "2" / "train.log").read_text()
+
+
+def test_a_dataset_label_the_model_lacks_needs_an_explicit_mapping(dataset, start_model, tmp_path):
+    meta = json.loads((dataset / "dataset.json").read_text())
+    meta["labels"]["4"] = "tumour"
+    other = tmp_path / "ds"
+    other.mkdir()
+    (other / "dataset.json").write_text(json.dumps(meta).replace("./", str(dataset) + "/"))
+    with pytest.raises(DatasetError, match=r"labels \['tumour'\] are not the model's"):
+        train(start_model, other, tmp_path / "out", epochs=1, device="cpu")
+    metrics = train(start_model, other, tmp_path / "out", epochs=1, device="cpu", label_map={"tumour": "liver"})
+    assert metrics["label_map"] == {"tumour": "liver"}

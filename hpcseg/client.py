@@ -2,7 +2,12 @@
 
 Every request carries ``Authorization: Bearer <token>`` and a timeout (per phase: connect, read, upload,
 inference); proxies from the environment are ignored (an ``http_proxy`` would capture requests meant for the
-tunnel's localhost port); only idempotent requests (GET, DELETE) are retried, never an inference. Images go up
+tunnel's localhost port). What is safe to retry is retried when the connection (not the server) failed: GET and
+DELETE a few times; an inference or a click, whose upload is kept here, once, over a fresh connection, with the same
+idempotency key (``X-HPCSeg-Request-Id``), so the server answers the retry from the finished result or waits for the
+running one instead of running it twice. What still fails names the real cause, checked then (``diagnose``, e.g. the
+tunnel's :meth:`~hpcseg.tunnel.Tunnel.cause`): SSH connection to the login node lost, server job ended, or the
+server refused. Images go up
 compressed with hpcseg's zstd codec when the server offers it (gzip-1 NIfTI otherwise) and masks come back the same
 way; upload and download report progress as ``(done, total)``. HTTP and connection errors become
 :class:`hpcseg.errors.ServerError` here, once, with a sentence for the user.
@@ -23,12 +28,13 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 import SimpleITK as sitk
@@ -37,7 +43,11 @@ from hpcseg import imaging
 from hpcseg.errors import ServerError
 
 Progress = Callable[[int, int], None]
+Diagnose = Callable[[], tuple[str, str]]
 _CHUNK = 1 << 20
+T = TypeVar("T")
+REQUEST_ID_HEADER = "X-HPCSeg-Request-Id"  # the idempotency key of an inference (one per call, kept by its retry)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,7 +130,8 @@ class ServerClient:
     """Talks to one server (see the module docstring). A context manager; not bound to a thread."""
 
     def __init__(self, base_url: str, token: str, *, session: requests.Session | None = None,
-                 timeouts: Timeouts | None = None, retries: int = 3, compression: str = "auto") -> None:
+                 timeouts: Timeouts | None = None, retries: int = 3, compression: str = "auto",
+                 diagnose: Diagnose | None = None) -> None:
         if compression not in ("auto", "zstd", "gzip"):
             raise ValueError("compression must be auto, zstd or gzip")
         self.base_url = base_url.rstrip("/")
@@ -132,6 +143,8 @@ class ServerClient:
         self.session.proxies = {}
         self.session.headers["Authorization"] = f"Bearer {token}"
         self._info: dict[str, Any] | None = None
+        self.diagnose = diagnose  # () -> (why, what to do), asked when the connection failed
+        self.retried = 0  # requests sent again after a lost connection (the soak test and bench count them)
 
     def __repr__(self) -> str:
         return f"ServerClient({self.base_url!r}, token=***)"
@@ -227,8 +240,10 @@ class ServerClient:
         img, _ = _prepare(image, min_slices=1)  # prompts on a single slice are the interactive model's call
         ctype = self._codec()
         chunks, content_type = _multipart({}, [("files", "image" + _suffix(ctype), ctype, imaging.encode(img, ctype))])
-        resp = self._request("PUT", "/session/", data=_Body(chunks, progress), headers={"Content-Type": content_type},
-                             timeout=(self.timeouts.connect, self.timeouts.upload))
+        # Sent again once if the connection is lost: at worst the server holds one unused session until it expires.
+        resp = self._once_more(lambda: self._request(
+            "PUT", "/session/", data=_Body(chunks, progress), headers={"Content-Type": content_type},
+            timeout=(self.timeouts.connect, self.timeouts.upload)), "PUT /session/")
         return str(resp.json()["session_id"])
 
     def get_session(self, session_id: str) -> dict[str, Any]:
@@ -269,13 +284,17 @@ class ServerClient:
         files = [("file", "image" + _suffix(file[1]), file[1], file[0])] if file else []
         chunks, content_type = _multipart({"params": json.dumps(params)}, files)
         query = {"output": "image", **({"session_id": session_id} if session_id else {})}
-        body = _Body(chunks, upload_progress)
-        sent = len(body)
-        resp = self._request("POST", f"/infer/{model}", params=query, data=body, stream=True,
-                             headers={"Content-Type": content_type, "Accept": self._accept()},
-                             timeout=(self.timeouts.connect, max(self.timeouts.upload, self.timeouts.infer)),
-                             session_id=session_id, model=model)
-        data = self._download(resp, download_progress)
+        headers = {"Content-Type": content_type, "Accept": self._accept(), REQUEST_ID_HEADER: uuid.uuid4().hex}
+        sent = sum(len(c) for c in chunks)
+
+        def attempt() -> tuple[requests.Response, bytes]:
+            resp = self._request("POST", f"/infer/{model}", params=query, data=_Body(chunks, upload_progress),
+                                 stream=True, headers=headers,
+                                 timeout=(self.timeouts.connect, max(self.timeouts.upload, self.timeouts.infer)),
+                                 session_id=session_id, model=model)
+            return resp, self._download(resp, download_progress)
+
+        resp, data = self._once_more(attempt, f"inference {model}")
         result = json.loads(resp.headers.get("X-HPCSeg-Result", "{}"))
         ctype = resp.headers.get("Content-Type", imaging.CONTENT_TYPE_NIFTI).split(";")[0].strip()
         mask = imaging.decode(data, ctype if ctype in imaging.CONTENT_TYPES else imaging.CONTENT_TYPE_NIFTI)
@@ -307,10 +326,37 @@ class ServerClient:
                 if progress:
                     progress(len(buf), total)
         except requests.RequestException as exc:
-            raise _went_away(exc) from exc
+            raise ConnectionLost(exc) from exc
         finally:
             resp.close()
         return bytes(buf)
+
+    def _once_more(self, send: Callable[[], T], what: str) -> T:
+        """``send()``, and once more if the connection (not the server) failed; then the real cause, named.
+
+        The second try goes over a fresh connection: the tunnel opens a new channel, and the SSH connection under
+        it logs in again when it was lost. Only for requests that are safe to send twice (see the module docstring).
+        """
+        try:
+            return send()
+        except ConnectionLost as exc:
+            log.warning("%s: connection lost (%s); sending it once more over a fresh connection", what, exc.cause)
+            self.retried += 1
+        try:
+            return send()
+        except ConnectionLost as exc:
+            raise self._lost(exc) from exc
+
+    def _lost(self, exc: ConnectionLost) -> ServerError:
+        """The error for a connection that failed for good: its real cause when the caller can check it."""
+        if self.diagnose is not None:
+            try:
+                why, what = self.diagnose()
+            except Exception as diag_exc:  # diagnosing must not hide the first failure
+                log.debug("diagnosing the lost connection failed: %s", diag_exc)
+            else:
+                return ServerError(why, retryable=True, hint=what)
+        return _went_away(exc.cause)
 
     def _json(self, method: str, path: str, **kw: Any) -> Any:
         resp = self._request(method, path, idempotent=method in ("GET", "DELETE"), **kw)
@@ -332,7 +378,12 @@ class ServerClient:
                 resp = self.session.request(method, url, timeout=timeout, **kw)
                 break
             except requests.RequestException as exc:
+                lost = isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.ConnectTimeout)
                 if attempt + 1 >= attempts or not isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+                    if lost:
+                        if idempotent:  # retried already: name the cause now
+                            raise self._lost(ConnectionLost(exc)) from exc
+                        raise ConnectionLost(exc) from exc  # the caller may send it once more (_once_more)
                     raise _translate(exc, timeout) from exc
                 time.sleep(min(0.25 * 2 ** attempt, 2.0))
         if resp.status_code not in ok:
@@ -364,6 +415,14 @@ def _phases(progress: Callable[[str, int, int], None] | None, up: Progress | Non
 
 def _suffix(content_type: str) -> str:
     return ".hsv" if content_type == imaging.CONTENT_TYPE_ZSTD else ".nii.gz"
+
+
+class ConnectionLost(ServerError):
+    """The connection to the server broke (reset, closed, tunnel gone) before the whole answer came."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(f"the connection to the server was lost: {cause}", retryable=True)
+        self.cause = cause
 
 
 def _went_away(exc: Exception) -> ServerError:

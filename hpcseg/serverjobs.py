@@ -7,6 +7,12 @@ from both axes: "queued: waiting for resources, expected 14:05", "starting on gp
 
 A start that fails or times out cancels the job (no orphan) and raises with the tail of its logs.
 
+Never a second server: a server job of the profile that is queued or starting is waited for, not duplicated; and
+when the scheduler cannot say whether the known job runs (``unknown``: slurmctld down, a timeout) its
+``connection.json`` and ``/health/ready`` decide: if they answer, that server is used, else the call refuses with
+"cannot tell whether job N is still running: the scheduler does not answer; retry, or `hpcseg stop` it first".
+On a real cluster a duplicate is a second GPU allocation, charged to the user, that nobody uses.
+
 Example::
 
     with ServerConnection(profile, progress=print) as conn:
@@ -29,6 +35,7 @@ from .schedulers import JobState, JobStatus
 from .schedulers.base import backoff_intervals
 
 Progress = Callable[[str], None]
+UNCERTAIN_READY_TIMEOUT = 20.0  # how long a server the scheduler cannot vouch for gets to answer /health/ready
 
 
 @dataclass
@@ -83,19 +90,64 @@ def read_connection(jm: JobManager, rec: JobRecord) -> ConnectionInfo | None:
     return ConnectionInfo.parse(text) if text else None
 
 
-def find_server(jm: JobManager) -> tuple[JobRecord, ConnectionInfo] | None:
-    """A running server job of this profile that has written its connection file, if any."""
-    recs = [r for r in jm.store.list(jm.profile.name)
-            if r.template == "server" and not JobState(r.last_state).terminal]
+class UncertainServer(JobError):
+    """The scheduler cannot say whether a known server job still runs (its state is ``unknown``)."""
+
+    def __init__(self, rec: JobRecord, conn: ConnectionInfo | None) -> None:
+        super().__init__(f"cannot tell whether job {rec.job_id} is still running: the scheduler does not answer; "
+                         f"retry, or `hpcseg stop` it first", retryable=True)
+        self.record = rec
+        self.connection = conn
+
+
+@dataclass
+class FoundServer:
+    """A server job of the profile that is not over: ``conn`` once it wrote its connection file.
+
+    ``state`` is the scheduler's word: RUNNING, PENDING (queued or starting: wait for it, do not submit another)
+    or UNKNOWN (the scheduler does not answer: only a server that answers may be used).
+    """
+
+    record: JobRecord
+    state: JobState
+    conn: ConnectionInfo | None
+
+
+def find_active_server(jm: JobManager) -> FoundServer | None:
+    """The profile's newest server job that is not over (running first, then unknown, then queued), if any."""
+    recs = [r for r in jm.store.list(jm.profile.name)  # a job we cancelled is ending, whatever it reads now
+            if r.template == "server" and not JobState(r.last_state).terminal and not r.extra.get("cancelled")]
     if not recs:
         return None
     states = jm.status([r.job_id for r in recs])
-    for rec in sorted(recs, key=lambda r: r.created, reverse=True):
-        if states[rec.job_id].state is JobState.RUNNING:
-            conn = read_connection(jm, rec)
-            if conn is not None:
-                return rec, conn
+    newest = sorted(recs, key=lambda r: r.created, reverse=True)
+    for wanted in (JobState.RUNNING, JobState.UNKNOWN):
+        for rec in newest:
+            st = states.get(rec.job_id)
+            if st is not None and st.state is wanted:
+                conn = read_connection(jm, rec)
+                if conn is not None or wanted is JobState.UNKNOWN:
+                    return FoundServer(rec, wanted, conn)
+    for rec in newest:  # queued, or running but still loading its models: wait for that one
+        st = states.get(rec.job_id)
+        if st is not None and not st.state.terminal:
+            return FoundServer(rec, JobState.PENDING, None)
     return None
+
+
+def find_server(jm: JobManager) -> tuple[JobRecord, ConnectionInfo] | None:
+    """A running server job of this profile that has written its connection file, if any.
+
+    Raises :class:`UncertainServer` when the scheduler cannot say whether the known server job runs: the caller
+    must not take that for "no server" (see the module docstring).
+    """
+    found = find_active_server(jm)
+    if found is None or (found.state is JobState.PENDING):
+        return None
+    if found.state is JobState.UNKNOWN:
+        raise UncertainServer(found.record, found.conn)
+    assert found.conn is not None
+    return found.record, found.conn
 
 
 def start_server(jm: JobManager, params: dict[str, Any] | None = None, *, timeout: float | None = 1800,
@@ -114,17 +166,24 @@ def start_server(jm: JobManager, params: dict[str, Any] | None = None, *, timeou
         raise
 
 
+class _EndedBeforeReady(JobError):
+    pass
+
+
 def wait_for_connection(jm: JobManager, rec: JobRecord, *, timeout: float | None,
-                        progress: Progress | None = None) -> ConnectionInfo:
+                        progress: Progress | None = None, ended_ok: bool = False) -> ConnectionInfo:
+    """Wait until the job's server wrote its connection file. While the scheduler does not answer (``unknown``)
+    the file is read anyway: a server that wrote it is running, and no one is submitted meanwhile."""
     deadline = None if timeout is None else time.monotonic() + timeout
     last = ""
     for delay in backoff_intervals(start=0.5, factor=1.3, cap=5.0):
         st = jm.status([rec.job_id])[rec.job_id]
         if st.state.terminal:
-            raise JobError(f"server job {rec.job_id} ended before it was ready ({st.state.value}"
-                           + (f", exit code {st.exit_code}" if st.exit_code is not None else "") + ")",
-                           hint=f"hpcseg logs {rec.job_id}")
-        if st.state is JobState.RUNNING:
+            kind = _EndedBeforeReady if ended_ok else JobError
+            raise kind(f"server job {rec.job_id} ended before it was ready ({st.state.value}"
+                       + (f", exit code {st.exit_code}" if st.exit_code is not None else "") + ")",
+                       hint=f"hpcseg logs {rec.job_id}")
+        if st.state in (JobState.RUNNING, JobState.UNKNOWN):
             conn = read_connection(jm, rec)
             if conn is not None:
                 if st.node and conn.host.split(".")[0] != st.node.split(".")[0] and not jm.profile.is_local:
@@ -162,31 +221,36 @@ class ServerConnection:
         self.url = ""
 
     def open(self) -> ServerConnection:
-        from .client import ServerClient
-
-        found = None if self._new else find_server(self.jobs)
+        found = None if self._new else find_active_server(self.jobs)
         started_here = found is None
         if found is None:
             if not self._start:
                 raise JobError(f"no running server job for profile {self.profile.name}",
                                hint=f"start one with: hpcseg -p {self.profile.name} submit")
-            found = start_server(self.jobs, self._params, timeout=self._timeout, progress=self._progress)
-        self.record, self.info = found
+            self.record, self.info = start_server(self.jobs, self._params, timeout=self._timeout,
+                                                  progress=self._progress)
+        elif found.state is JobState.PENDING:  # queued or starting: wait for it (it is not ours to cancel)
+            if self._progress:
+                self._progress(f"waiting for server job {found.record.job_id}")
+            try:
+                self.info = wait_for_connection(self.jobs, found.record, timeout=self._timeout,
+                                                progress=self._progress, ended_ok=True)
+                self.record = found.record
+            except _EndedBeforeReady:  # it ended meanwhile (cancelled, failed): then a new one is no duplicate
+                if not self._start:
+                    raise JobError(f"server job {found.record.job_id} ended before it was ready",
+                                   hint=f"hpcseg logs {found.record.job_id}") from None
+                started_here = True
+                self.record, self.info = start_server(self.jobs, self._params, timeout=self._timeout,
+                                                      progress=self._progress)
+        elif found.state is JobState.UNKNOWN:
+            self.record, self.info = found.record, found.conn
+            self._use_uncertain(found)
+            return self
+        else:
+            self.record, self.info = found.record, found.conn
         try:
-            if self.profile.is_local:
-                self.url = f"http://127.0.0.1:{self.info.port}"
-            else:
-                from .tunnel import Tunnel
-
-                self._tunnel = Tunnel(self.jobs.shell, self.info.host, self.info.port)
-                self._tunnel.start()
-                self.url = self._tunnel.url
-            self.client = ServerClient(self.url, self.info.token)
-            if self._progress:
-                self._progress("loading models")
-            self.client.wait_ready(timeout=self._timeout or 600)
-            if self._progress:
-                self._progress(f"ready: job {self.record.job_id} at {self.url}")
+            self._attach(self._timeout or 600)
         except BaseException as exc:
             self.close()
             if started_here:  # we started it: a start that fails must not leave a job behind
@@ -196,6 +260,40 @@ class ServerConnection:
                                    hint=exc.hint) from exc
             raise
         return self
+
+    def _attach(self, ready_timeout: float) -> None:
+        """Tunnel (unless local), client, and wait until ``/health/ready`` says ready."""
+        from .client import ServerClient
+
+        assert self.info is not None and self.record is not None
+        if self.profile.is_local:
+            self.url = f"http://127.0.0.1:{self.info.port}"
+        else:
+            from .tunnel import Tunnel
+
+            self._tunnel = Tunnel(self.jobs.shell, self.info.host, self.info.port)
+            self._tunnel.start()
+            self.url = self._tunnel.url
+        self.client = ServerClient(self.url, self.info.token,
+                                   diagnose=self._tunnel.cause if self._tunnel is not None else None)
+        if self._progress:
+            self._progress("loading models")
+        self.client.wait_ready(timeout=ready_timeout)
+        if self._progress:
+            self._progress(f"ready: job {self.record.job_id} at {self.url}")
+
+    def _use_uncertain(self, found: FoundServer) -> None:
+        """The scheduler does not answer about the known job: use it only if its server answers, else refuse."""
+        refusal = UncertainServer(found.record, found.conn)
+        if found.conn is None:
+            raise refusal
+        if self._progress:
+            self._progress(f"the scheduler does not answer; trying job {found.record.job_id}'s server directly")
+        try:
+            self._attach(UNCERTAIN_READY_TIMEOUT)
+        except HpcsegError as exc:
+            self.close()
+            raise refusal from exc
 
     def close(self) -> None:
         if self._tunnel is not None:

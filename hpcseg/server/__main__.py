@@ -64,6 +64,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="inferences run at once (one GPU: 1)")
     p.add_argument("--grace", type=float, default=10, metavar="SECONDS",
                    help="on shutdown, how long to wait for requests to finish before cancelling them")
+    g = p.add_argument_group("limits on what a client can hold (see hpcseg.server.guard)")
+    g.add_argument("--max-body-mb", type=float, default=2048, help="largest request body (default 2048 MiB)")
+    g.add_argument("--body-grace", type=float, default=60, metavar="SECONDS",
+                   help="longest pause within a request body, and the time before --min-body-rate applies")
+    g.add_argument("--min-body-rate-kb", type=float, default=64, metavar="KIB_PER_S",
+                   help="a request body's slowest average rate after --body-grace (default 64 KiB/s)")
+    g.add_argument("--max-connections", type=int, default=64, help="connections open at once")
+    g.add_argument("--max-unauthenticated", type=int, default=16,
+                   help="connections open at once that have not yet sent a request with the token")
+    g.add_argument("--header-timeout", type=float, default=30, metavar="SECONDS",
+                   help="a new connection's time to send a request with the token")
+    g.add_argument("--retry-grace", type=float, default=30, metavar="SECONDS",
+                   help="how long an inference whose client left waits for that client's retry before it stops")
     return p.parse_args(argv)
 
 
@@ -158,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = ServerSettings(
         models_dirs=models_dirs, token=token, device=args.device, session_ttl=args.session_ttl,
         max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, workers=args.workers, grace=args.grace,
+        max_body=int(args.max_body_mb * (1 << 20)), body_grace=args.body_grace,
+        min_body_rate=args.min_body_rate_kb * 1024, max_connections=args.max_connections,
+        max_unauthenticated=args.max_unauthenticated, header_timeout=args.header_timeout,
+        retry_grace=args.retry_grace,
     )
     app = create_app(settings)
     rt = app.state.runtime
@@ -175,8 +192,11 @@ def main(argv: list[str] | None = None) -> int:
             life.reason = life.reason or signal.Signals(sig).name
             super().handle_exit(sig, frame)
 
+    from hpcseg.server.guard import protocol_class
+
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", server_header=False,
-                            timeout_graceful_shutdown=max(1, int(args.grace)), timeout_keep_alive=30)
+                            timeout_graceful_shutdown=max(1, int(args.grace)), timeout_keep_alive=30,
+                            http=protocol_class(rt))
     server = Server(config)
 
     def on_ready() -> None:

@@ -50,7 +50,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -59,8 +59,8 @@ from fastapi.responses import JSONResponse, Response
 
 from hpcseg import __version__
 from hpcseg.errors import ImageError, ServerError
+from hpcseg.server import guard, wire
 from hpcseg.server import progress as request_progress
-from hpcseg.server import wire
 from hpcseg.server.auth import TokenAuthMiddleware, tokens_equal
 from hpcseg.server.registry import ModelRegistry
 from hpcseg.server.runtime import RequestLogMiddleware, Runtime, ServerSettings, ShuttingDown
@@ -96,7 +96,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.runtime = rt
     _add_routes(app, rt)
     _add_error_handlers(app)
-    # Outermost first: the log/byte counter sees every request, then the token check, then the routes.
+    # Outermost first: the log/byte counter sees every request, then the token check, then the body limits.
+    app.add_middleware(guard.BodyLimitMiddleware, runtime=rt)
     app.add_middleware(TokenAuthMiddleware, token=settings.token, allow_path_token=settings.allow_path_token)
     app.add_middleware(RequestLogMiddleware, runtime=rt)
     return app
@@ -236,6 +237,37 @@ def _add_routes(app: FastAPI, rt: Runtime) -> None:
             raise HTTPException(503, "the server is shutting down", headers={"Connection": "close"})
         if output not in (None, "", "image", "json", "all"):
             raise HTTPException(400, f"output={output!r} is not supported here: use image, json or all")
+        # A request retried after a lost connection carries the same key: answer it from the first run.
+        key = guard.request_id(request.scope)
+        key = key if rt.progress.valid_id(key) else ""
+        fingerprint = (model, output or "", params, session_id, image, file.size if file is not None else None)
+        if key and (replay := rt.replays.get(key)) is not None:
+            answer = await _replayed(rt, request, key, replay, fingerprint, model)
+            if answer is not None:
+                return answer
+        abandon = guard.Abandon(grace=settings.retry_grace if key else 0.0)
+        if key:
+            rt.replays.start(key, fingerprint, abandon)
+        try:
+            answer = await _infer_once(request, model, image, session_id, output, params, file, label, key, abandon)
+        except guard.InferenceCancelled as exc:
+            if key:
+                rt.replays.fail(key, exc)
+            request.scope["hpcseg.abandoned"] = True
+            log.info("infer %s%s: %s: the client disconnected %.1f s before and nobody waits for the result",
+                     model, f" request={key[:8]}" if key else "", exc, time.monotonic() - (abandon.gone_since or 0))
+            return Response(status_code=499)
+        except BaseException as exc:
+            if key:
+                rt.replays.fail(key, exc)
+            raise
+        if key:
+            rt.replays.finish(key, answer)
+        return answer
+
+    async def _infer_once(request: Request, model: str, image: str, session_id: str, output: str | None,
+                          params: str, file: UploadFile | None, label: UploadFile | None, key: str,
+                          abandon: guard.Abandon) -> Response:
         p = _params(params)
         served = _model(rt, model)
         mdl, version = served
@@ -259,7 +291,7 @@ def _add_routes(app: FastAPI, rt: Runtime) -> None:
         names = wire.label_names(mdl, p)  # before inferring: an unknown label is a 400 now, not after a minute
         warnings = await _run_blocking(rt, wire.qa_warnings, mdl, img, gpu=False)
         t0 = time.monotonic()
-        mask = await _infer_tracked(rt, request, model, mdl, img, p)
+        mask = await _infer_tracked(rt, request, model, mdl, img, p, abandon)
         t1 = time.monotonic()
         mask = wire.conform_mask(mask, img, model)
         if wire.monai_label_indices(p):  # MONAI Label's label values: its Slicer plugin maps them by position
@@ -271,8 +303,8 @@ def _add_routes(app: FastAPI, rt: Runtime) -> None:
         }
         if session is not None:
             result["session_id"] = session.id
-        log.info("infer %s v%s: %s voxels in %.2f s (%d request bytes)", model, version,
-                 "x".join(map(str, img.GetSize())), t1 - t0, nbytes)
+        log.info("infer %s v%s%s: %s voxels in %.2f s (%d request bytes)", model, version,
+                 f" request={key[:8]}" if key else "", "x".join(map(str, img.GetSize())), t1 - t0, nbytes)
         headers = {"X-HPCSeg-Model-Version": str(version), "X-HPCSeg-Model": wire.header_safe(model)}
         if output == "json":
             return JSONResponse(result, headers=headers)
@@ -288,7 +320,8 @@ def _add_routes(app: FastAPI, rt: Runtime) -> None:
         return Response(body, media_type=content_type, headers=headers)
 
 
-async def _infer_tracked(rt: Runtime, request: Request, name: str, mdl: Any, img: Any, p: dict[str, Any]) -> Any:
+async def _infer_tracked(rt: Runtime, request: Request, name: str, mdl: Any, img: Any, p: dict[str, Any],
+                         abandon: guard.Abandon | None = None) -> Any:
     """``mdl.infer`` in a worker thread with a progress callback bound (see :mod:`hpcseg.server.progress`).
 
     The entry is on ``rt.progress`` under the client's ``X-HPCSeg-Request-Id`` (or a fresh id when it sent none or
@@ -299,6 +332,10 @@ async def _infer_tracked(rt: Runtime, request: Request, name: str, mdl: Any, img
         rid = uuid.uuid4().hex
     entry = rt.progress.start(rid, name)
     request.scope["hpcseg.progress"] = entry
+    watch = None
+    if abandon is not None:  # work nobody waits for stops at the next window/slab boundary (guard.Abandon)
+        entry.add_check(lambda: abandon(entry.done, entry.total))
+        watch = _disconnect_watch(request, abandon, name)
 
     def work() -> Any:
         with request_progress.reporting(entry.update):
@@ -306,11 +343,50 @@ async def _infer_tracked(rt: Runtime, request: Request, name: str, mdl: Any, img
 
     ok = False
     try:
-        mask = await _run_blocking(rt, work, gpu=True)
+        mask = await _run_blocking(rt, work, gpu=True, watch=watch)
         ok = True
         return mask
     finally:
         rt.progress.finish(entry, ok)
+
+
+def _disconnect_watch(request: Request, abandon: guard.Abandon, name: str) -> Callable[[], Awaitable[None]]:
+    """A watch for :func:`_run_blocking`: notes when the client hangs up; gives up while still queued for a slot."""
+
+    async def watch() -> None:
+        if abandon.gone_since is None and await request.is_disconnected():
+            abandon.gone_since = time.monotonic()
+            log.info("infer %s: the client disconnected; the inference stops at the next window boundary%s", name,
+                     f" unless its retry comes within {abandon.grace:.0f} s" if abandon.grace else "")
+        if abandon.should_stop() and not abandon.total:  # not started yet (queued for the GPU): give up now
+            raise guard.InferenceCancelled("cancelled before it started")
+
+    return watch
+
+
+async def _replayed(rt: Runtime, request: Request, key: str, replay: guard.Replay, fingerprint: tuple,
+                    model: str) -> Response | None:
+    """A retry of a keyed inference: wait for the first run and answer with its result (None: run it anew)."""
+    if replay.fingerprint != fingerprint:
+        raise HTTPException(409, f"request id {key} was used for a different request: send a new X-HPCSeg-Request-Id")
+    replay.abandon.waiters += 1
+    try:
+        while not replay.outcome.done():
+            await asyncio.wait({replay.outcome}, timeout=0.2)
+            if rt.shutting_down.is_set():
+                raise ShuttingDown()
+            if not replay.outcome.done() and await request.is_disconnected():
+                request.scope["hpcseg.abandoned"] = True
+                return Response(status_code=499)
+    finally:
+        replay.abandon.waiters -= 1
+    exc = replay.outcome.exception()
+    if isinstance(exc, guard.InferenceCancelled):
+        return None
+    if exc is not None:
+        raise exc
+    log.info("infer %s request=%s: a retry, answered from its first run", model, key[:8])
+    return replay.outcome.result()
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -380,15 +456,17 @@ def _session_error(session_id: str, exc: KeyError) -> HTTPException:
     return HTTPException(404, f"session {session_id} not found (deleted, or never created on this server): {again}")
 
 
-async def _run_blocking(rt: Runtime, fn: Callable[..., T], *args: Any, gpu: bool) -> T:
+async def _run_blocking(rt: Runtime, fn: Callable[..., T], *args: Any, gpu: bool,
+                        watch: Callable[[], Awaitable[None]] | None = None) -> T:
     """Run ``fn`` in a daemon thread, ``workers`` at a time; answer 503 if the server starts shutting down meanwhile.
 
     A daemon thread, not the default pool: a model busy for minutes must not hold the process after SIGTERM, and
     the client gets a clear 503 within a fraction of a second instead of a hang. The slot is given back when the
     thread ends, not when the request gives up, so a second inference never overlaps a running one on the GPU.
+    ``watch()`` is awaited at every poll (5 a second), while waiting for the slot too; it may raise to give up.
     """
     slots = rt.gpu_slots if gpu else rt.cpu_slots
-    await _acquire(rt, slots)
+    await _acquire(rt, slots, watch)
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[T] = loop.create_future()
 
@@ -414,9 +492,12 @@ async def _run_blocking(rt: Runtime, fn: Callable[..., T], *args: Any, gpu: bool
             return fut.result()
         if rt.shutting_down.is_set():
             raise ShuttingDown()
+        if watch is not None:
+            await watch()
 
 
-async def _acquire(rt: Runtime, slots: asyncio.Semaphore) -> None:
+async def _acquire(rt: Runtime, slots: asyncio.Semaphore,
+                   watch: Callable[[], Awaitable[None]] | None = None) -> None:
     """Wait for a slot in arrival order, giving up if the server starts shutting down."""
     acq = asyncio.ensure_future(slots.acquire())
     try:
@@ -426,6 +507,8 @@ async def _acquire(rt: Runtime, slots: asyncio.Semaphore) -> None:
                 return
             if rt.shutting_down.is_set():
                 raise ShuttingDown()
+            if watch is not None:
+                await watch()
     except BaseException:
         if not acq.cancel() and not acq.cancelled() and acq.exception() is None:
             slots.release()  # it was granted just as we gave up

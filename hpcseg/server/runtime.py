@@ -20,6 +20,7 @@ from fastapi import HTTPException, Request
 from hpcseg import __version__
 from hpcseg.server import wire
 from hpcseg.server.auth import ASGIApp, Receive, Scope, Send
+from hpcseg.server.guard import Replays
 from hpcseg.server.progress import ProgressBoard
 from hpcseg.server.registry import Loader, ModelEntry, ModelRegistry
 from hpcseg.server.sessions import SessionStore
@@ -32,7 +33,10 @@ class ServerSettings:
     """Everything a server needs to start; ``token`` never appears in ``repr`` (so never in a log line).
 
     ``loader`` replaces :func:`hpcseg.server.models.load_model` (tests, site plug-ins): ``loader(folder, device)``.
-    ``idle_timeout`` (seconds, 0 = never) and ``grace`` are acted on by ``python -m hpcseg.server``.
+    ``idle_timeout`` (seconds, 0 = never) and ``grace`` are acted on by ``python -m hpcseg.server``. The limits
+    on what a client may hold (``max_body``, ``body_grace``, ``min_body_rate``, ``max_connections``,
+    ``max_unauthenticated``, ``header_timeout``) and ``retry_grace`` are explained in :mod:`hpcseg.server.guard`.
+    ``max_body``'s default, 2 GiB, is above any sane input: a 512x512x2000 float32 volume uncompressed.
     """
 
     models_dirs: list[Path]
@@ -48,6 +52,13 @@ class ServerSettings:
     allow_path_token: bool = True
     warmup: bool = True
     loader: Loader | None = field(default=None, repr=False)
+    max_body: int = 2 << 30
+    body_grace: float = 60.0
+    min_body_rate: float = 64 * 1024.0
+    max_connections: int = 64
+    max_unauthenticated: int = 16
+    header_timeout: float = 30.0
+    retry_grace: float = 30.0
 
     def __post_init__(self) -> None:
         if isinstance(self.models_dirs, (str, Path)):
@@ -57,6 +68,8 @@ class ServerSettings:
             raise ValueError("the server token must be a random string of at least 16 characters")
         if self.workers < 1 or self.io_workers < 1:
             raise ValueError("workers and io_workers must be >= 1")
+        if self.max_body < 1 or self.min_body_rate <= 0 or self.max_connections < 1 or self.max_unauthenticated < 1:
+            raise ValueError("max_body, min_body_rate, max_connections and max_unauthenticated must be positive")
 
 
 class ShuttingDown(HTTPException):
@@ -95,6 +108,8 @@ class Runtime:
         self.inflight = 0
         self.progress = ProgressBoard()  # inference progress by the client's X-HPCSeg-Request-Id
         self._last_activity = time.monotonic()
+        self.fresh_connections: dict[Any, Any] = {}  # peer -> connection that sent no request with the token yet
+        self.replays = Replays()  # keyed inferences, so that a retry never runs one twice
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Fresh semaphores for the loop that serves (a semaphore binds to the first loop that waits on it)."""
@@ -200,6 +215,8 @@ class RequestLogMiddleware:
         t0 = time.perf_counter()
 
         async def counting_receive():
+            if scope.get("hpcseg.authenticated"):
+                self.rt.fresh_connections.pop(scope.get("client"), None)
             msg = await receive()
             if msg["type"] == "http.request":
                 counter.body += len(msg.get("body", b""))
@@ -209,6 +226,8 @@ class RequestLogMiddleware:
             nonlocal status, sent
             if msg["type"] == "http.response.start":
                 status = msg["status"]
+                if scope.get("hpcseg.authenticated"):
+                    self.rt.fresh_connections.pop(scope.get("client"), None)
                 extra = [(b"x-hpcseg-request-bytes", str(counter.total).encode())]
                 if scope.get("hpcseg.authenticated"):  # strangers learn no versions
                     extra += [(b"x-hpcseg-server-version", __version__.encode()),
@@ -224,7 +243,9 @@ class RequestLogMiddleware:
         finally:
             self.rt.inflight -= 1
             path = scope.get("hpcseg.route_path", "?")
-            if scope.get("hpcseg.authenticated") and not path.startswith("/health/"):
+            # A request that stalled past its body deadline, or whose client left, is no use of the server.
+            if scope.get("hpcseg.authenticated") and not path.startswith("/health/") \
+                    and not scope.get("hpcseg.abandoned"):
                 self.rt.touch()
             log.info("%s %s %d %.0f ms in=%d out=%d", scope["method"], path, status,
                      (time.perf_counter() - t0) * 1000, counter.total, sent)

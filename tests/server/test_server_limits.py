@@ -1,0 +1,159 @@
+"""What a client can hold on the real server process, and work nobody waits for (hpcseg.server.guard).
+
+A client that sends half a body and stalls, one that claims a huge body, connections that never send a request
+with the token, a client that hangs up during a long inference, and a retried inference (same idempotency key)
+that must not run twice. Real server subprocess, real sockets; the network model is the built-in phantom UNet
+run with tiny windows so that an inference lasts long enough to be interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+import requests
+
+from hpcseg import imaging
+from hpcseg.client import REQUEST_ID_HEADER
+from hpcseg.server.models import builtin_models_dir
+
+from .conftest import TOKEN, running, standard_models  # noqa: F401
+
+LONG = {"roi_size": [16, 16, 16], "overlap": 0.75}  # hundreds of windows: a minute or more on a busy CPU
+SHORT = {"roi_size": [16, 16, 16], "overlap": 0.5}  # tens of windows: seconds
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.1)
+
+
+def _infer_body(image, params: dict) -> tuple[bytes, str]:
+    data = imaging.encode(image, imaging.CONTENT_TYPE_NIFTI)
+    b = uuid.uuid4().hex
+    body = (f'--{b}\r\nContent-Disposition: form-data; name="params"\r\n\r\n{json.dumps(params)}\r\n'
+            f'--{b}\r\nContent-Disposition: form-data; name="file"; filename="image.nii.gz"\r\n'
+            f"Content-Type: {imaging.CONTENT_TYPE_NIFTI}\r\n\r\n").encode() + data + f"\r\n--{b}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={b}"
+
+
+def _raw_head(port: int, length: int, path: str = "/session/", token: str | None = None) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    s.sendall(f"PUT {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: multipart/form-data; boundary=zz\r\n"
+              f"Content-Length: {length}\r\n\r\n".encode())
+    return s
+
+
+def _read_status(s: socket.socket) -> int | None:
+    """The status of the answer on ``s``, or None when the server closed without one."""
+    data = b""
+    try:
+        while b"\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    m = re.match(rb"HTTP/1\.1 (\d+)", data)
+    return int(m.group(1)) if m else None
+
+
+def test_stalled_half_body_is_cut_at_its_deadline_others_served_and_idle_timeout_ends_the_job(tmp_path):
+    models = standard_models(tmp_path / "models")
+    with running(tmp_path / "run", models, "--body-grace", "2", "--idle-timeout", "4") as srv:
+        s = _raw_head(srv.info["port"], 10_000_000, token=srv.token)
+        s.sendall(b'--zz\r\nContent-Disposition: form-data; name="files"; filename="a.nii.gz"\r\n'
+                  b"Content-Type: application/octet-stream\r\n\r\n" + b"x" * 1_000_000)  # a tenth, then nothing
+        t0 = time.monotonic()
+        with srv.client() as c:  # another client is served while the first one stalls
+            assert "thr" in c.info()["models"]
+        status = _read_status(s)
+        waited = time.monotonic() - t0
+        s.close()
+        assert status == 408
+        assert waited < 30, f"the stalled body held its request {waited:.0f} s (deadline: 2 s pause)"
+        assert "the request body came too slowly" in srv.logs()
+        # nothing else comes: the stalled request is no activity, so the idle timeout ends the server
+        srv.proc.wait(60)
+        assert srv.proc.returncode == 0
+        assert "idle timeout" in srv.logs()
+
+
+def test_a_body_larger_than_the_limit_is_refused_before_it_is_read(tmp_path):
+    models = standard_models(tmp_path / "models")
+    with running(tmp_path / "run", models, "--max-body-mb", "1") as srv:
+        s = _raw_head(srv.info["port"], 50 << 20, token=srv.token)
+        assert _read_status(s) == 413
+        s.close()
+        with srv.client() as c:
+            assert c.info()["models"]
+
+
+def test_connections_without_the_token_are_capped_and_timed_out(tmp_path):
+    models = standard_models(tmp_path / "models")
+    with running(tmp_path / "run", models, "--max-unauthenticated", "3", "--header-timeout", "2") as srv:
+        port = srv.info["port"]
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
+        extra = socket.create_connection(("127.0.0.1", port), timeout=30)
+        assert extra.recv(1) == b"", "a 4th connection without a request was kept open"
+        extra.close()
+        for s in idle:  # closed after the header timeout: recv sees the end
+            assert s.recv(1) == b""
+            s.close()
+        with srv.client() as c:  # a client with the token is served after them
+            assert c.info()["models"]
+        assert "no request with the token within 2 s" in srv.logs()
+
+
+def test_a_client_that_hangs_up_cancels_its_long_inference(tmp_path, phantom):
+    with running(tmp_path / "run", builtin_models_dir()) as srv:
+        body, ctype = _infer_body(phantom, LONG)
+        url = f"{srv.url}/infer/phantom-unet?output=image"
+        headers = {"Authorization": f"Bearer {srv.token}", "Content-Type": ctype}
+        with pytest.raises(requests.ReadTimeout):  # the client gives up and closes its connection
+            requests.post(url, data=body, headers=headers, timeout=(5, 3), proxies={"http": None})
+        _wait_for(lambda: "cancelled after" in srv.logs(), 120, "the cancellation")
+        logs = srv.logs()
+        assert "the client disconnected" in logs
+        assert re.search(r"infer phantom-unet: cancelled after (\d+) of (\d+) windows", logs)
+        done, total = map(int, re.search(r"cancelled after (\d+) of (\d+) windows", logs).groups())
+        assert done < total  # stopped before the end
+        assert not re.search(r"infer phantom-unet v\S+: \d+x\d+x\d+ voxels", logs), "it ran to the end"
+        with srv.client() as c:  # the GPU slot is free again
+            assert c.segment(phantom, "phantom-unet", params={"roi_size": [64, 64, 48]}).mask is not None
+
+
+def test_a_retried_inference_runs_once(tmp_path, phantom):
+    with running(tmp_path / "run", builtin_models_dir()) as srv:
+        body, ctype = _infer_body(phantom, SHORT)
+        key = uuid.uuid4().hex
+        url = f"{srv.url}/infer/phantom-unet?output=image"
+        headers = {"Authorization": f"Bearer {srv.token}", "Content-Type": ctype, REQUEST_ID_HEADER: key}
+        with pytest.raises(requests.ReadTimeout):  # the first try loses its connection mid-inference
+            requests.post(url, data=body, headers=headers, timeout=(5, 1), proxies={"http": None})
+        answers: list[requests.Response] = []
+        retry = threading.Thread(target=lambda: answers.append(
+            requests.post(url, data=body, headers=headers, timeout=(5, 600), proxies={"http": None})))
+        retry.start()
+        retry.join(600)
+        assert answers and answers[0].status_code == 200
+        again = requests.post(url, data=body, headers=headers, timeout=(5, 600), proxies={"http": None})
+        assert again.status_code == 200 and again.content == answers[0].content  # from the finished result
+        logs = srv.log_file.read_text()  # (logs() is the log file and stderr: every line twice)
+        runs = re.findall(rf"infer phantom-unet v\S+ request={key[:8]}:", logs)
+        assert len(runs) == 1, logs
+        assert logs.count(f"request={key[:8]}: a retry, answered from its first run") == 2
+        other_body, other_ctype = _infer_body(phantom, LONG)
+        other = requests.post(url, data=other_body, proxies={"http": None}, timeout=30,
+                              headers={**headers, "Content-Type": other_ctype})
+        assert other.status_code == 409  # the same key for another request is refused

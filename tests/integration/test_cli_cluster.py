@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 from click.testing import CliRunner
 
+from hpcseg import imaging
 from hpcseg.cli import main
 from hpcseg.phantoms import make_phantom
 
@@ -96,7 +97,10 @@ def test_submit_server_waits_until_ready_then_segment_reuses_it(cli, tmp_path):
     assert out["job_id"] == ready["job_id"]  # reused, not a second job
     mask = sitk.ReadImage(str(tmp_path / "seg.seg.nrrd"))
     assert mask.GetSize() == image.GetSize() and mask.GetSpacing() == pytest.approx(image.GetSpacing())
-    assert "Segment0_Name" in mask.GetMetaDataKeys() or (tmp_path / "seg.seg.nrrd").exists()
+    # the segment names came back from the cluster into Slicer's fields (was `... or file exists`: always true)
+    assert out["labels"] == {"body": 1, "lungs": 2, "bone": 3}
+    assert [mask.GetMetaData(f"Segment{i}_Name") for i in range(3)] == ["body", "lungs", "bone"]
+    assert imaging.read_mask(tmp_path / "seg.seg.nrrd")[1] == out["labels"]
     assert json.loads(cli("stop", "--json").output)["stopped"] == [ready["job_id"]]
 
 

@@ -7,8 +7,10 @@ a failed scheduler query → unknown, never finished.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -122,17 +124,34 @@ def test_forgotten_job_resolved_by_exit_code_file_without_accounting(cluster, jo
         accounting(cluster, True)
 
 
+@contextlib.contextmanager
+def _slurmctld_stopped():
+    """slurmctld stopped by its pid file and started again, with tests/cluster/lib.sh's own functions
+    (stop_slurmctld, then ensure_slurmctld in a finally), holding the cluster's lock all along: the cluster is
+    shared, and another checkout's up.sh must not start the controller again while this test wants it down."""
+    lib = Path(__file__).resolve().parent.parent / "cluster" / "lib.sh"
+    script = ('source "$1" && require_root && take_lock && stop_slurmctld && echo stopped && read -r _; '
+              'ensure_slurmctld && echo started')
+    proc = subprocess.Popen(["bash", "-c", script, "lib", str(lib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "stopped", proc.stderr
+        yield
+    finally:
+        out, err = proc.communicate("go\n", timeout=180)  # ensure_slurmctld runs even when the test failed
+        assert proc.returncode == 0 and "started" in out, err[-2000:]
+
+
 def test_failed_query_reads_unknown_never_finished(cluster, jobs_for):
     jm = jobs_for("slurm")
     rec = run_job(jm, "sleep", "120")
     jm.wait(rec.job_id, lambda s: s.state is JobState.RUNNING, timeout=120)
-    # Stop the controller for real: every query now fails the way a busy or down slurmctld does.
-    subprocess.run(["ip", "netns", "exec", "hpcseg-login", "pkill", "-x", "slurmctld"], check=True)
-    try:
+    # Stop the controller for real: every query now fails the way a busy or down slurmctld does. By its pid file,
+    # as tests/cluster/lib.sh does (network namespaces do not isolate pids: `pkill -x slurmctld` inside one
+    # would kill every slurmctld on the machine), under the cluster's lock; started again the same way.
+    with _slurmctld_stopped():
         st = jm.status([rec.job_id])[rec.job_id]
         assert st.state is JobState.UNKNOWN and not st.state.terminal
-    finally:
-        subprocess.run(["bash", "tests/cluster/up.sh"], check=True, capture_output=True)
     st = jm.wait(rec.job_id, lambda s: s.state is JobState.RUNNING, timeout=60)
     assert st.state is JobState.RUNNING  # the job survived; the unknown never ended it
     jm.cancel([rec.job_id])

@@ -30,7 +30,8 @@ Messages (worker → client), one JSON object a line::
 
     {"event": "hello", "pid": 4242, "version": "0.1.0", "profile": "karolina", "python": "/…/python3"}
     {"id": 7, "event": "progress", "message": "queued: Resources, expected 14:05"}
-    {"id": 9, "event": "progress", "done": 1048576, "total": 8388608}
+    {"id": 9, "event": "progress", "done": 1048576, "total": 8388608}            (upload's bytes)
+    {"id": 8, "event": "progress", "phase": "upload", "done": 5, "total": 9}     (segment, by phase)
     {"id": 7, "ok": true, "result": {...}}
     {"id": 7, "ok": false, "error": {"type": "JobError", "message": "...", "hint": "...", "details": "",
                                      "cancelled": false}}

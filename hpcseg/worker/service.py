@@ -143,7 +143,16 @@ class Worker:
 
     def op_segment(self, call_id: int, args: dict[str, Any]) -> dict[str, Any]:
         volume = self._load_volume(args["volume"])
-        return self._segmentation(call_id, self._connected().segment(volume, args["model"], args.get("labels")))
+        last = [0.0]
+
+        def progress(phase: str, done: int, total: int) -> None:  # at most ~10 lines a second, and the last one
+            now = time.monotonic()
+            if now - last[0] >= 0.1 or done >= total:
+                last[0] = now
+                self.send({"id": call_id, "event": "progress", "phase": phase, "done": done, "total": total})
+
+        seg = self._connected().segment(volume, args["model"], args.get("labels"), progress=progress)
+        return self._segmentation(call_id, seg)
 
     def op_click(self, call_id: int, args: dict[str, Any]) -> dict[str, Any]:
         volume = self._load_volume(args["volume"])
@@ -187,12 +196,13 @@ class Worker:
     # --- the loop -------------------------------------------------------------------------------------------
     def _run(self, call_id: int, op: str, args: dict[str, Any]) -> None:
         self._current.call_id = call_id
+        t0 = time.perf_counter()
         try:
             result = getattr(self, f"op_{op}")(call_id, args)
         except BaseException as exc:  # every call is answered, whatever happens
             self.send({"id": call_id, "ok": False, "error": error_payload(exc)})
-        else:
-            self.send({"id": call_id, "ok": True, "result": result})
+        else:  # the time the call took inside the worker: the rest of a caller's wait is the worker's overhead
+            self.send({"id": call_id, "ok": True, "result": result, "worker_s": time.perf_counter() - t0})
         finally:
             self._current.call_id = None
 

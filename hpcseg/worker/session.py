@@ -186,10 +186,12 @@ class SegmentationSession:
         return models_by_type(self.info)
 
     # --- inference ----------------------------------------------------------------------------------------------
-    def segment(self, volume: VolumeArray, model: str, labels: Sequence[str] | None = None) -> Segmentation:
-        """Segment a whole volume with a segmentation model."""
+    def segment(self, volume: VolumeArray, model: str, labels: Sequence[str] | None = None, *,
+                progress: Callable[[str, int, int], None] | None = None) -> Segmentation:
+        """Segment a whole volume with a segmentation model; ``progress(phase, done, total)`` as
+        :meth:`hpcseg.client.ServerClient.segment` reports it (the bytes up, the bytes down)."""
         image = volume.to_image()
-        seg = self._result(self.client.segment(image, model, labels=labels), volume, model)
+        seg = self._result(self.client.segment(image, model, labels=labels, progress=progress), volume, model)
         self.known_labels.update(seg.label_names)
         self.model_version = seg.model_version
         return seg

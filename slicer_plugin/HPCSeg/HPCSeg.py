@@ -369,10 +369,12 @@ class HPCSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.uploadButton.enabled = bool(self.profile) and not busy
 
     def _showProgress(self, msg):
+        """A worker's progress line: a sentence (connect), or a phase's done/total (segment, upload)."""
         if "message" in msg:
             self.statusLabel.text = msg["message"]
-        else:
-            self.statusLabel.text = f"uploading: {100 * msg['done'] // max(msg['total'], 1)} %"
+            return
+        phase = {"upload": "sending", "download": "receiving"}.get(msg.get("phase", ""), msg.get("phase", "uploading"))
+        self.statusLabel.text = f"{phase}: {100 * msg['done'] // max(msg['total'], 1)} %"
 
     def _failed(self, what, exc):
         self._rerun = None
@@ -434,7 +436,8 @@ class HPCSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                    name=f"{volumeNode.GetName()} {model}")
                 self._showResult(result, node)
 
-            self._call("Segmentation", "segment", {"volume": spec, "model": model}, onDone=done)
+            self._call("Segmentation", "segment", {"volume": spec, "model": model}, onDone=done,
+                       onProgress=self._showProgress)
 
     def _showResult(self, result, segmentationNode):
         self.segmentationSelector.setCurrentNode(segmentationNode)

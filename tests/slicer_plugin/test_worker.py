@@ -56,8 +56,11 @@ def test_worker_segments_clicks_and_uploads_on_the_local_server(worker_env, isol
         pid = client.hello["pid"]
 
         spec = client.write_volume(volume.array, volume.ijk_to_ras, volume.key)
-        seg = client.request("segment", {"volume": spec, "model": "ct-body"})
+        phases: list[dict] = []
+        seg = client.request("segment", {"volume": spec, "model": "ct-body"}, on_progress=phases.append)
         labels = client.read_labels(seg)
+        assert {p["phase"] for p in phases} >= {"upload", "download"}  # the status line follows the phases
+        assert all(p["done"] == p["total"] for p in phases if p is phases[-1])
         assert seg["label_names"] == {"body": 1, "lungs": 2, "bone": 3} and labels.shape == volume.array.shape
         assert not Path(seg["labels_path"]).exists()  # read once, then gone
         assert 2.0 * ((labels > 0) & (truth > 0)).sum() / ((labels > 0).sum() + (truth > 0).sum()) > 0.95
@@ -107,7 +110,7 @@ def test_a_killed_worker_is_reported_in_one_line_and_the_next_call_restarts_it(w
         call_id = client.call("poll", on_error=errors.append)
         client.kill()
         client.wait(call_id, timeout=10)
-        assert len(errors) == 1 and isinstance(errors[0], WorkerCrashed)
+        assert len(errors) == 1 and isinstance(errors[0], WorkerCrashed), (errors, client.last_crash)
         line = str(errors[0])
         assert "\n" not in line and "was killed (SIGKILL)" in line and "starts again with the next action" in line
         assert crashes == [line]
@@ -117,7 +120,8 @@ def test_a_killed_worker_is_reported_in_one_line_and_the_next_call_restarts_it(w
         res = client.request("segment", {"volume": client.write_volume(volume.array, volume.ijk_to_ras, volume.key),
                                          "model": "ct-body"})
         assert client.hello["pid"] != first and client.read_labels(res).shape == volume.array.shape
-        assert len([r for r in JobManager(profile).store.list("local") if r.template == "server"]) == 1
+        servers = [r for r in JobManager(profile).store.list("local") if r.template == "server"]
+        assert len(servers) == 1, servers
     finally:
         client.quit()
         stop_servers(JobManager(profile))

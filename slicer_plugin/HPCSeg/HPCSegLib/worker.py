@@ -118,6 +118,9 @@ class WorkerClient:
         self.proc: subprocess.Popen[bytes] | None = None
         self.hello: dict[str, Any] = {}
         self.last_crash = ""
+        self.last_noise = ""
+        #: seconds the last finished call took inside the worker (what the wait cost beyond it is the transport)
+        self.last_worker_s = 0.0
         #: the last worker's exit code (0: it ended by itself, also after quit; negative: killed by that signal)
         self.exit_code: int | None = None
         self._calls: dict[int, _Call] = {}
@@ -185,8 +188,13 @@ class WorkerClient:
             self._buffer += chunk
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
-            if line.strip():
-                self._dispatch(json.loads(line))
+            try:
+                msg = json.loads(line) if line.strip() else None
+            except ValueError:  # not the protocol (a library printing to stdout): keep the line for a crash report
+                self.last_noise = line[:300].decode(errors="replace")
+                continue
+            if isinstance(msg, dict):
+                self._dispatch(msg)
         if eof or self.proc.poll() is not None:
             self._ended()
         return len(lines)
@@ -208,6 +216,7 @@ class WorkerClient:
                 call.on_progress(msg)
             return
         del self._calls[msg["id"]]
+        self.last_worker_s = float(msg.get("worker_s") or 0.0)
         if msg.get("ok"):
             if call.on_done is not None:
                 call.on_done(msg.get("result"))

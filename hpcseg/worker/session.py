@@ -301,6 +301,8 @@ class SegmentationSession:
             return StatusSnapshot(st, ServerState.UNKNOWN, rec.job_id)
         if st.state is JobState.PENDING:
             return StatusSnapshot(st, ServerState.NOT_STARTED, rec.job_id)
+        if st.state is JobState.STOPPING:
+            return StatusSnapshot(st, ServerState.ENDING, rec.job_id)
         if health is not None and conn_rec is not None and conn_rec.job_id == rec.job_id:
             try:
                 body = health.health()

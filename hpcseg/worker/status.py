@@ -34,12 +34,13 @@ class ServerState(str, enum.Enum):
     READY = "ready"
     UNREACHABLE = "unreachable"          # connected before, no answer now (tunnel down, server stuck)
     FAILED = "failed"                    # the server could load no model
+    ENDING = "ending"                    # this client cancelled the job; the scheduler still shows it
     GONE = "gone"                        # the job ended
     UNKNOWN = "unknown"                  # the status query failed: keep asking
 
     @property
     def busy(self) -> bool:
-        return self in (ServerState.NOT_STARTED, ServerState.STARTING)
+        return self in (ServerState.NOT_STARTED, ServerState.STARTING, ServerState.ENDING)
 
 
 @dataclass
@@ -82,6 +83,8 @@ def job_text(job: JobStatus | None) -> str:
         return text.replace("starting on", "running on") if state is JobState.RUNNING else text
     if state is JobState.COMPLETING:
         return "completing (ending)"
+    if state is JobState.STOPPING:
+        return "stopping (cancelled, ending)"
     if state is JobState.UNKNOWN:
         return "unknown (the scheduler did not answer; asking again)"
     if state is JobState.LOST:
@@ -105,7 +108,7 @@ def status_text(job: JobStatus | None, server: ServerState, *, detail: str = "",
 
 def next_poll_delay(snapshot: StatusSnapshot | None) -> float:
     """Seconds until the next status poll: soon while something changes, rarely when settled."""
-    if snapshot is None or snapshot.server in (ServerState.STARTING, ServerState.UNKNOWN):
+    if snapshot is None or snapshot.server in (ServerState.STARTING, ServerState.UNKNOWN, ServerState.ENDING):
         return 2.0
     if snapshot.server in (ServerState.NOT_STARTED, ServerState.UNREACHABLE, ServerState.NOT_CONNECTED):
         return 5.0

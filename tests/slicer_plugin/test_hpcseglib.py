@@ -144,6 +144,7 @@ EXPECTED = {
     JobState.PENDING: "queued: Resources",
     JobState.RUNNING: "running on gpu017",
     JobState.COMPLETING: "completing (ending)",
+    JobState.STOPPING: "stopping (cancelled, ending)",
     JobState.COMPLETED: "ended",
     JobState.FAILED: "failed (exit code 3)",
     JobState.CANCELLED: "cancelled",
@@ -164,7 +165,8 @@ def test_status_text_shows_both_axes_for_each_job_state(state):
     from hpcseg.worker.status import ServerState, StatusSnapshot, next_poll_delay
 
     server = {JobState.PENDING: ServerState.NOT_STARTED, JobState.RUNNING: ServerState.READY,
-              JobState.COMPLETING: ServerState.STARTING, JobState.UNKNOWN: ServerState.UNKNOWN}.get(
+              JobState.COMPLETING: ServerState.STARTING, JobState.UNKNOWN: ServerState.UNKNOWN,
+              JobState.STOPPING: ServerState.ENDING}.get(
         state, ServerState.GONE)
     job = JobStatus("4711", state, reason="Resources", node="gpu017",
                     exit_code=3 if state is JobState.FAILED else None)

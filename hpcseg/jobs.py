@@ -203,11 +203,16 @@ class JobManager:
         cmd = self.scheduler.submit_command(spec)
         res = self.shell.run(list(cmd.argv), stdin=cmd.stdin, timeout=120)
         try:
-            job_id = self.scheduler.parse_submit(res)
+            try:
+                job_id = self.scheduler.parse_submit(res)
+            except SubmitFailed:
+                raise
+            except HpcsegError as exc:
+                raise SubmitFailed(f"submission of {script_path} failed: {exc}") from exc
         except SubmitFailed:
+            if res.exit_code != 124:  # refused for sure (not timed out: that one may have been submitted)
+                self.shell.run(["rm", "-rf", "--", job_dir])  # no folder left holding only job.sh
             raise
-        except HpcsegError as exc:
-            raise SubmitFailed(f"submission of {script_path} failed: {exc}") from exc
         try:
             # Link the scheduler's id to the folder, so the cluster side can be read without this client's state.
             self.shell.run(["ln", "-sfn", posixpath.basename(job_dir),
@@ -246,7 +251,26 @@ class JobManager:
                 st.native_state = st.native_state or f"last seen {rec.last_state}"
             elif rec is not None and rec.last_state != st.state.value:
                 self.store.update(self.profile.name, jid, last_state=st.state.value)
+        self._exit_codes_from_files(result)
         return result
+
+    def _exit_codes_from_files(self, result: dict[str, JobStatus]) -> None:
+        """A job that ended other than completed, for which the scheduler says exit code 0 (Slurm's job-level
+        ExitCode of a cancelled job reads 0:0), gets the code its own EXIT trap wrote (143 after SIGTERM): one
+        batched command for all of them."""
+        odd = {jid: rec for jid, st in result.items()
+               if st.state in (JobState.CANCELLED, JobState.TIMEOUT, JobState.FAILED) and not st.exit_code
+               and (rec := self._record(jid)) is not None}
+        if not odd:
+            return
+        q = shlex.quote
+        script = "; ".join(f"printf '%s ' {q(jid)}; cat {q(posixpath.join(rec.job_dir, 'exit_code'))} 2>/dev/null"
+                           f" || echo" for jid, rec in odd.items())
+        res = self.shell.run(script)
+        for line in res.stdout.splitlines():
+            jid, _, code = line.strip().partition(" ")
+            if jid in odd and code.strip().lstrip("-").isdigit() and int(code) != 0:
+                result[jid].exit_code = int(code)
 
     def _from_exit_file(self, rec: JobRecord, st: JobStatus) -> JobStatus:
         """Resolve a job the scheduler forgot from what the job itself wrote (see templates/base.sh.j2).

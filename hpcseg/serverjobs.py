@@ -307,10 +307,20 @@ class ServerConnection:
         self.close()
 
 
-def stop_servers(jm: JobManager) -> list[str]:
-    """Cancel every active server job of the profile; returns their ids."""
+def stop_servers(jm: JobManager, ended: list[str] | None = None) -> list[str]:
+    """Cancel every active server job of the profile; returns the ids cancelled.
+
+    A job the scheduler says has already ended is not "stopped" by us: its id goes to ``ended`` (if given) instead.
+    """
     ids = [r.job_id for r in jm.store.list(jm.profile.name)
            if r.template == "server" and not JobState(r.last_state).terminal]
+    if not ids:
+        return []
+    states = jm.status(ids)
+    over = [i for i in ids if i in states and states[i].state.terminal]
+    if ended is not None:
+        ended.extend(over)
+    ids = [i for i in ids if i not in over]
     if ids:
         jm.cancel(ids)
     return ids

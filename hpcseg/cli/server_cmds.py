@@ -168,11 +168,17 @@ def stop(ctx: Ctx, as_json: bool) -> None:
     """Stop the profile's server jobs (they also end by themselves when idle)."""
     from ..serverjobs import stop_servers
 
-    ids = stop_servers(ctx.jobs)
+    ended: list[str] = []
+    ids = stop_servers(ctx.jobs, ended)
     if as_json:
-        emit_json({"stopped": ids})
+        emit_json({"stopped": ids, "already_ended": ended})
     else:
-        click.echo(f"stopped {' '.join(ids)}" if ids else "no server job to stop")
+        if ended:
+            click.echo(f"already ended: {' '.join(ended)} (nothing to stop; `hpcseg jobs` shows how)")
+        if ids:
+            click.echo(f"stopped {' '.join(ids)}")
+        elif not ended:
+            click.echo("no server job to stop")
 
 
 @main.command("sample-ct")

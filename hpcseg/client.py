@@ -41,6 +41,8 @@ import SimpleITK as sitk
 
 from hpcseg import imaging
 from hpcseg.errors import ServerError
+from hpcseg.protocol import HEADER as PROTOCOL_HEADER
+from hpcseg.protocol import PROTOCOL_VERSION, compatible, server_mismatch
 
 Progress = Callable[[int, int], None]
 Diagnose = Callable[[], tuple[str, str]]
@@ -142,6 +144,7 @@ class ServerClient:
         self.session.trust_env = False  # no proxies, .netrc or CA bundles from the environment
         self.session.proxies = {}
         self.session.headers["Authorization"] = f"Bearer {token}"
+        self.session.headers[PROTOCOL_HEADER] = str(PROTOCOL_VERSION)
         self._info: dict[str, Any] | None = None
         self.diagnose = diagnose  # () -> (why, what to do), asked when the connection failed
         self.retried = 0  # requests sent again after a lost connection (the soak test and bench count them)
@@ -178,6 +181,7 @@ class ServerClient:
         while True:
             try:
                 body = self.health()
+                check_protocol(body)
                 if body.get("ready"):
                     return body
                 models = body.get("models", {})
@@ -442,12 +446,22 @@ def _translate(exc: requests.RequestException, timeout: tuple[float, float]) -> 
     return ServerError(f"HTTP request failed: {exc}")
 
 
+def check_protocol(body: dict[str, Any]) -> None:
+    """Refuse (one line, not retryable) a server whose health answer names another protocol, or none."""
+    theirs = body.get("protocol")
+    theirs = theirs if isinstance(theirs, int) and not isinstance(theirs, bool) else None
+    if not compatible(theirs):
+        raise ServerError(server_mismatch(theirs, str(body.get("version", ""))), status=426, retryable=False)
+
+
 def _http_error(resp: requests.Response, *, session_id: str | None, model: str | None) -> ServerError:
     status = resp.status_code
     try:
         detail = str(resp.json().get("detail", ""))
     except ValueError:
         detail = resp.text[:300].strip()
+    if status == 426:
+        return ServerError(detail or "the server speaks another protocol version", status=426, retryable=False)
     if status == 401:
         return ServerError("token refused: the server job was restarted? run hpcseg connect again", status=401)
     if status == 410:

@@ -60,7 +60,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DIRECTIVE_WORD = re.compile(r"^[A-Za-z0-9_./][A-Za-z0-9_.@%+=:,/-]{0,199}$")
 #: string keys that must be one line: a newline would split a job script line or an ssh argument
 _SINGLE_LINE = ("account", "partition", "gpu_type", "image", "venv", "python", "proxy_jump", "user", "work_dir",
-                "models_dir", "datasets_dir", "identity_file", "known_hosts", "template_dir", "default_model")
+                "models_dir", "datasets_dir", "identity_file", "known_hosts", "template_dir", "default_model", "site",
+                "preset")
 
 
 def walltime_seconds(value: str) -> int:
@@ -115,6 +116,10 @@ class Profile:
     device: str = "auto"
     #: the model ``hpcseg segment`` runs without ``-m`` (else ct-body for CT-like input; see hpcseg.modelchoice)
     default_model: str | None = None
+    #: the site bundle's folder on the cluster (default: where the login node says; "none": no site layer)
+    site: str | None = None
+    #: a preset of the site bundle, by name
+    preset: str | None = None
 
     @property
     def is_local(self) -> bool:
@@ -283,6 +288,8 @@ class Config:
     profiles: dict[str, Profile] = field(default_factory=dict)
     default: str | None = None
     path: Path | None = None
+    #: the keys each profile really sets in the file (the "profile" layer; the rest come from site or built-in)
+    explicit: dict[str, set[str]] = field(default_factory=dict)
 
     def profile(self, name: str | None = None) -> Profile:
         """The named profile, else ``$HPCSEG_PROFILE``, else the default, else the embedded ``local`` one."""
@@ -299,6 +306,7 @@ class Config:
 
     def set_profile(self, profile: Profile, make_default: bool = False) -> None:
         profile.validate()
+        note_explicit(self, profile)
         self.profiles[profile.name] = profile
         if make_default or not self.default:
             self.default = profile.name
@@ -307,7 +315,7 @@ class Config:
         data: dict[str, Any] = {}
         if self.default:
             data["default"] = self.default
-        data["profiles"] = {n: p.to_dict() for n, p in sorted(self.profiles.items())}
+        data["profiles"] = {n: explicit_dict(self, p) for n, p in sorted(self.profiles.items())}
         return tomli_w.dumps(data)
 
     def save(self, path: Path | None = None) -> Path:
@@ -341,11 +349,12 @@ def load_config(path: Path | None = None) -> Config:
         raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}",
                           hint="allowed: default, profiles")
     profiles = {name: profile_from_dict(name, tbl) for name, tbl in (data.get("profiles") or {}).items()}
+    explicit = {name: set(tbl) for name, tbl in (data.get("profiles") or {}).items()}
     default = data.get("default")
     if default is not None and default not in profiles and default != "local":
         raise ConfigError(f"{path}: default = {default!r} names no profile",
                           hint="known profiles: " + (", ".join(sorted(profiles)) or "none"))
-    return Config(profiles=profiles, default=default, path=path)
+    return Config(profiles=profiles, default=default, path=path, explicit=explicit)
 
 
 def set_value(profile: Profile, key: str, value: str) -> Profile:
@@ -353,3 +362,40 @@ def set_value(profile: Profile, key: str, value: str) -> Profile:
     new = dataclasses.replace(profile, **{key: _coerce(profile.name, key, value)})
     new.validate()
     return new
+
+
+# ---- layers: built-in < site < preset < user profile < command line (the site bundle: hpcseg/site.py) ----------
+
+def note_explicit(cfg: Config, profile: Profile) -> None:
+    """Remember which keys of ``profile`` the user set: those read from the file plus those changed now."""
+    before = cfg.profiles.get(profile.name) or Profile(name=profile.name)
+    changed = {k for k in _FIELDS if k != "name" and getattr(profile, k) != getattr(before, k)}
+    cfg.explicit[profile.name] = cfg.explicit.get(profile.name, set()) | changed
+
+
+def explicit_dict(cfg: Config, profile: Profile) -> dict[str, Any]:
+    """The profile as written to the file: only the keys the user set, so site defaults are not pinned."""
+    data = profile.to_dict()
+    keys = cfg.explicit.get(profile.name)
+    return data if keys is None else {k: v for k, v in data.items() if k in keys}
+
+
+def user_layer(profile: Profile, keys: set[str] | None = None) -> dict[str, Any]:
+    """The values a user's profile sets: ``keys`` when known (the config file), else every non-default value."""
+    base = Profile(name=profile.name)
+    return {k: getattr(profile, k) for k in _FIELDS if k != "name" and getattr(profile, k) is not None
+            and (k in keys if keys is not None else getattr(profile, k) != getattr(base, k))}
+
+
+def layer_profile(name: str, layers: list[tuple[str, dict[str, Any]]]) -> tuple[Profile, dict[str, str]]:
+    """A validated profile from ``(label, values)`` layers, lowest first, and each key's origin (its label;
+    ``built-in`` when no layer set it). Values are coerced and checked as a profile table's are."""
+    values: dict[str, Any] = {}
+    origins = {k: "built-in" for k in _FIELDS if k != "name"}
+    for label, data in layers:
+        for key, value in data.items():
+            values[key] = _coerce(name, key, value)
+            origins[key] = label
+    prof = Profile(name=name, **values)
+    prof.validate()
+    return prof, origins

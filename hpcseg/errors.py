@@ -5,6 +5,7 @@ into one of these (``raise ... from exc``), so callers and the CLI catch ``Hpcse
 
     HpcsegError                  a sentence for the user (.message), what to do (.hint), may retrying help (.retryable)
     ├── ConfigError              a profile or config file value is wrong (names the key path)
+    │   └── LimitExceeded        a request past a site limit (names the limit, the value asked, the contact)
     ├── ConnectionFailed         the login node cannot be reached or refuses us
     │   ├── HostKeyError         the host key is unknown (UnknownHostKey) or changed (ChangedHostKey)
     │   └── AuthenticationFailed no accepted key / agent / one-time code
@@ -44,6 +45,17 @@ class HpcsegError(Exception):
 
 class ConfigError(HpcsegError):
     """A configuration value is wrong; the message names the key path and what is allowed."""
+
+
+class LimitExceeded(ConfigError):
+    """A request outside a site bundle's limits, refused before anything is submitted."""
+
+    def __init__(self, message: str, *, hint: str | None = None, limit: str = "", asked: object = None,
+                 contact: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.limit = limit
+        self.asked = asked
+        self.contact = contact
 
 
 class ConnectionFailed(HpcsegError):

@@ -133,8 +133,11 @@ class JobManager:
     """Jobs of one profile: render, submit, status, wait, cancel, logs."""
 
     def __init__(self, profile: Profile, shell: Shell | None = None, store: JobStore | None = None,
-                 engine: Any = None) -> None:
+                 engine: Any = None, site: Any = None, origins: dict[str, str] | None = None) -> None:
         self.profile = profile
+        #: the cluster's site bundle (hpcseg.site.SiteBundle): its limits are checked before any submission
+        self.site = site
+        self.origins = origins
         self._shell = shell
         self.store = store or JobStore()
         self._engine = engine
@@ -153,7 +156,7 @@ class JobManager:
         if self._engine is None:
             from .templates import TemplateEngine
 
-            self._engine = TemplateEngine(site_dir=self.profile.template_dir)
+            self._engine = TemplateEngine.for_profile(self.profile, bundle=self.site)
         return self._engine
 
     def work_dir(self) -> str:
@@ -186,6 +189,8 @@ class JobManager:
         """Render a job script: returns (script, job_dir, job_name). Nothing is written or submitted."""
         from .templates import build_context
 
+        if self.site is not None:  # past a site limit: refused before anything is written or submitted
+            self.site.check(self.profile, self.origins)
         name = name or datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
         wd = work_dir or self.work_dir()
         job_dir = posixpath.join(wd, "jobs", name)
@@ -197,6 +202,10 @@ class JobManager:
     def submit(self, template: str, params: dict[str, Any] | None = None) -> JobRecord:
         """Render, copy and submit a job; remember it locally. A failure after submission cancels the job."""
         script, job_dir, job_name = self.render(template, params)
+        if template == "server" and self.site is not None and self.site.limits.max_servers is not None:
+            from .site import check_servers
+
+            check_servers(self.site, self.active_servers())
         script_path = posixpath.join(job_dir, "job.sh")
         self.shell.write_text(script_path, script, mode=0o700)
         spec = SubmitSpec(script_path=script_path, job_dir=job_dir, job_name=job_name)
@@ -229,6 +238,14 @@ class JobManager:
             self.cancel([job_id], quiet=True)
             raise
         return rec
+
+    def active_servers(self) -> int:
+        """Server jobs this client started on this profile's host and scheduler that have not ended."""
+        ids = [r.job_id for r in self.store.list() if r.template == "server" and r.host == self.profile.host
+               and r.scheduler == self.profile.scheduler and not JobState(r.last_state).terminal]
+        if not ids:
+            return 0
+        return sum(1 for st in self.status(ids).values() if not st.state.terminal or st.state is JobState.UNKNOWN)
 
     # -- status --------------------------------------------------------------------------------------------------
     def _record(self, job_id: str) -> JobRecord | None:

@@ -155,6 +155,8 @@ class SSHShell:
         self._lock = threading.RLock()
         self._home: str | None = None
         self._passphrases: dict[str, str] = {}
+        #: how the login succeeded (key, agent, one-time code): for hpcseg doctor
+        self.login_method = ""
 
     @classmethod
     def from_profile(cls, profile, **kw) -> SSHShell:
@@ -335,6 +337,7 @@ class SSHShell:
             except paramiko.SSHException as exc:
                 raise ConnectionFailed(f"SSH authentication with {t.hostname} broke off: {exc}") from exc
             if transport.is_authenticated():
+                self.login_method = f"key {key.get_name()}" + (" (agent)" if isinstance(key, paramiko.AgentKey) else "")
                 return
             partial = True  # partial success: the server wants a second factor
             break
@@ -371,6 +374,7 @@ class SSHShell:
                                 attempt + 1, CODE_TRIES)
                     continue
                 if transport.is_authenticated():
+                    self.login_method = "key + one-time code" if partial else "one-time code"
                     return
         raise AuthenticationFailed(
             f"{user}@{t.hostname}:{t.port} accepted none of our keys "

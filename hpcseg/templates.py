@@ -216,7 +216,7 @@ class TemplateInfo:
     """A template as the search path resolves it: where it comes from, and the first line of its comment."""
 
     name: str
-    origin: str  # site | user | builtin
+    origin: str  # site | user | bundle | builtin
     path: Path
     description: str
 
@@ -251,13 +251,17 @@ class TemplateEngine:
         print(engine.render("run.sh.j2", sample_context("slurm")))
     """
 
-    def __init__(self, site_dir: str | os.PathLike | None = None, user_dir: str | os.PathLike | None = None) -> None:
-        self.site_dir = Path(site_dir).expanduser() if site_dir else None
+    def __init__(self, site_dir: str | os.PathLike | None = None, user_dir: str | os.PathLike | None = None,
+                 *, bundle_dir: str | os.PathLike | None = None, own_templates: bool = True) -> None:
+        self.site_dir = Path(site_dir).expanduser() if site_dir and own_templates else None
         if self.site_dir is not None and not self.site_dir.is_dir():
             raise TemplateError(f"the site template folder {self.site_dir} does not exist",
                                 hint="fix the profile's template_dir or create the folder")
-        self.user_dir = Path(user_dir).expanduser() if user_dir else default_user_dir()
-        self._dirs = [(o, d) for o, d in (("site", self.site_dir), ("user", self.user_dir)) if d is not None]
+        self.user_dir = (Path(user_dir).expanduser() if user_dir else default_user_dir()) if own_templates else None
+        # the cluster's site bundle (hpcseg/site.py): below the user's own folders, above the built-in ones
+        self.bundle_dir = Path(bundle_dir) if bundle_dir else None
+        self._dirs = [(o, d) for o, d in (("site", self.site_dir), ("user", self.user_dir),
+                                          ("bundle", self.bundle_dir)) if d is not None]
         builtin = _builtin_loader()
         self.env = _ShellEnvironment(
             loader=jinja2.ChoiceLoader([jinja2.PrefixLoader({"builtin": builtin}),
@@ -269,8 +273,13 @@ class TemplateEngine:
         self.env.filters.update(_FILTERS)
 
     @classmethod
-    def for_profile(cls, profile: Profile, user_dir: str | os.PathLike | None = None) -> TemplateEngine:
-        return cls(site_dir=profile.template_dir, user_dir=user_dir)
+    def for_profile(cls, profile: Profile, user_dir: str | os.PathLike | None = None, *, bundle: Any = None
+                    ) -> TemplateEngine:
+        """The engine for a profile, with a site bundle's template overrides (and its ``user_templates`` limit)."""
+        if bundle is None:
+            return cls(site_dir=profile.template_dir, user_dir=user_dir)
+        return cls(site_dir=profile.template_dir, user_dir=user_dir, bundle_dir=bundle.templates_dir,
+                   own_templates=bundle.limits.user_templates)
 
     def render(self, name: str, context: Mapping[str, Any]) -> str:
         """The script ``name`` (``server`` means ``server.sh.j2``) renders to; errors name the template and line."""

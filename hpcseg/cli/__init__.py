@@ -34,10 +34,13 @@ class HpcsegGroup(click.Group):
 @click.group(cls=HpcsegGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--profile", "-p", envvar="HPCSEG_PROFILE", metavar="NAME",
               help="Profile from the config file (default: the file's default, else the embedded `local`).")
+@click.option("--preset", envvar="HPCSEG_PRESET", metavar="NAME", help="A preset of the cluster's site bundle.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a profile key for this command (repeatable); site limits still apply.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.version_option(__version__, prog_name="hpcseg")
 @click.pass_context
-def main(ctx: click.Context, profile: str | None, verbose: int) -> None:
+def main(ctx: click.Context, profile: str | None, preset: str | None, sets: tuple[str, ...], verbose: int) -> None:
     """Segment CT and MRI on your cluster's GPUs as if they were local.
 
     \b
@@ -50,9 +53,19 @@ def main(ctx: click.Context, profile: str | None, verbose: int) -> None:
 
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    ctx.obj = Ctx(profile_name=profile)
+    ctx.obj = Ctx(profile_name=profile, preset=preset, overrides=_overrides(sets))
 
 
-from . import batch_cmds, config_cmds, data_cmds, job_cmds, server_cmds  # noqa: E402  (register the commands)
+def _overrides(sets: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--set")
+        out[key.strip()] = value
+    return out
 
-__all__ = ["main", "pass_ctx", "batch_cmds", "config_cmds", "data_cmds", "job_cmds", "server_cmds"]
+
+from . import batch_cmds, config_cmds, data_cmds, job_cmds, server_cmds, site_cmds  # noqa: E402  (register)
+
+__all__ = ["main", "pass_ctx", "batch_cmds", "config_cmds", "data_cmds", "job_cmds", "server_cmds", "site_cmds"]

@@ -18,6 +18,10 @@ class Ctx:
     _config: Config | None = None
     _jobs: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the command line layer: --preset and --set KEY=VALUE
+    preset: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    _resolved: Any = None
 
     @property
     def config(self) -> Config:
@@ -26,15 +30,33 @@ class Ctx:
         return self._config
 
     @property
-    def profile(self) -> Profile:
+    def file_profile(self) -> Profile:
+        """The profile as the config file holds it (no site layer, no command line)."""
         return self.config.profile(self.profile_name)
+
+    @property
+    def resolved(self):
+        """The effective profile: built-in < site bundle < preset < the file's profile < command line."""
+        if self._resolved is None:
+            from ..site import resolve
+
+            prof = self.file_profile
+            self._resolved = resolve(prof, user_keys=self.config.explicit.get(prof.name),
+                                     preset=self.preset, overrides=self.overrides)
+        return self._resolved
+
+    @property
+    def profile(self) -> Profile:
+        return self.resolved.profile
 
     @property
     def jobs(self):
         if self._jobs is None:
             from ..jobs import JobManager
 
-            self._jobs = JobManager(self.profile)
+            r = self.resolved
+            self._jobs = JobManager(r.profile, shell=r.shell if r.bundle is not None else None, site=r.bundle,
+                                    origins=r.origins)
         return self._jobs
 
 

@@ -62,11 +62,18 @@ def config_init(ctx: Ctx, host: str | None, scheduler: str, sets: tuple[str, ...
 
 
 @config.command("show")
+@click.option("--origin", is_flag=True,
+              help="The effective values (site bundle, preset and command line layered in) and where each came from.")
 @json_option
 @pass_ctx
-def config_show(ctx: Ctx, as_json: bool) -> None:
+def config_show(ctx: Ctx, origin: bool, as_json: bool) -> None:
     """Show the profile in use (and where the config file is)."""
-    prof = ctx.profile
+    if origin:
+        from .site_cmds import show_origins
+
+        show_origins(ctx, as_json)
+        return
+    prof = ctx.file_profile
     data = {"config_file": str(ctx.config.path or config_path()), "default": ctx.config.default,
             "profiles": sorted(ctx.config.profiles), "profile": prof.name, **prof.to_dict(),
             **_where_models_are(prof)}

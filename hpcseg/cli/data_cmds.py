@@ -223,7 +223,7 @@ def reload(ctx: Ctx, as_json: bool) -> None:
     """Make the profile's running server re-read its models (e.g. after training moved `current`)."""
     from ..serverjobs import ServerConnection
 
-    with ServerConnection(ctx.profile, start=False) as conn:
+    with ServerConnection(ctx.profile, jobs=ctx.jobs, start=False) as conn:
         info = conn.client.reload()
     if as_json:
         emit_json(info)

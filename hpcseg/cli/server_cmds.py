@@ -99,7 +99,7 @@ def segment(ctx: Ctx, image: Path, output: Path, model: str | None, labels: str 
     for warning in imaging.check_input(img, {}):
         warn(warning)
     wanted = [s.strip() for s in labels.split(",") if s.strip()] if labels else None
-    with ServerConnection(ctx.profile, start=not no_start, timeout=timeout,
+    with ServerConnection(ctx.profile, jobs=ctx.jobs, start=not no_start, timeout=timeout,
                           progress=_progress_line(as_json)) as conn:
         if model is None:
             choice = conn.client.default_model(img, ctx.profile.default_model)
@@ -143,7 +143,7 @@ def connect(ctx: Ctx, timeout: float, no_start: bool, show_token: bool, as_json:
     """
     from ..serverjobs import ServerConnection
 
-    with ServerConnection(ctx.profile, start=not no_start, timeout=timeout,
+    with ServerConnection(ctx.profile, jobs=ctx.jobs, start=not no_start, timeout=timeout,
                           progress=_progress_line(as_json)) as conn:
         token = conn.info.token if show_token else "<hidden: add --show-token>"
         info = {"url": conn.url, "token": token, "job_id": conn.record.job_id, "profile": ctx.profile.name}

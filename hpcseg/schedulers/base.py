@@ -157,6 +157,10 @@ class Scheduler(ABC):
             raise SchedulerError(f"cancelling {', '.join(job_ids)} failed: {stderr_tail(result)}",
                                  hint="check the job with the scheduler's own tools", retryable=True)
 
+    def test_submit_command(self, spec: SubmitSpec) -> Command | None:
+        """The scheduler's own dry run of a submission (nothing queued), or None where it has none."""
+        return None
+
     def check_commands(self, partition: str | None = None) -> list[tuple[str, Command]]:
         """(what, command) pairs for ``hpcseg config check``: each command exits 0 when that part is fine."""
         return []

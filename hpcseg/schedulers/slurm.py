@@ -373,6 +373,12 @@ class Slurm(SlurmArrays, Scheduler):
                         f"--error={out}/job.err", "--job-name", spec.job_name, *spec.extra_args,
                         spec.script_path])
 
+    def test_submit_command(self, spec: SubmitSpec) -> Command:
+        """``sbatch --test-only``: Slurm checks the script's request (partition, GRES, limits) and says when it
+        would start, without queuing a job (sbatch(1)); it exits non-zero for a request it would refuse."""
+        cmd = self.submit_command(spec)
+        return Command([cmd.argv[0], "--test-only", *cmd.argv[2:]])
+
     def parse_submit(self, result: Result) -> str:
         """The id from ``--parsable`` output (``123`` or ``123;cluster``, whose cluster part is dropped).
 

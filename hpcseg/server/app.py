@@ -59,6 +59,8 @@ from fastapi.responses import JSONResponse, Response
 
 from hpcseg import __version__
 from hpcseg.errors import ImageError, ServerError
+from hpcseg.protocol import HEADER as PROTOCOL_HEADER
+from hpcseg.protocol import PROTOCOL_VERSION, client_mismatch
 from hpcseg.server import guard, wire
 from hpcseg.server import progress as request_progress
 from hpcseg.server.auth import TokenAuthMiddleware, tokens_equal
@@ -96,7 +98,20 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.runtime = rt
     _add_routes(app, rt)
     _add_error_handlers(app)
-    # Outermost first: the log/byte counter sees every request, then the token check, then the body limits.
+    # The last added is outermost: the log/byte counter sees every request, then the token check, then the body
+    # limits, then the protocol check (so only a client holding the token learns the server's version).
+
+    @app.middleware("http")
+    async def protocol_check(request, call_next):
+        """A client that names another protocol gets one line (426) and the log one line: no half-understood
+        request is served. Requests without the header (MONAI Label's plugin) pass."""
+        theirs = request.headers.get(PROTOCOL_HEADER)
+        if theirs is not None and theirs.strip() != str(PROTOCOL_VERSION):
+            line = client_mismatch(theirs.strip()[:20])
+            log.warning("refused a request: %s", line)
+            return JSONResponse({"detail": line, "protocol": PROTOCOL_VERSION}, status_code=426)
+        return await call_next(request)
+
     app.add_middleware(guard.BodyLimitMiddleware, runtime=rt)
     app.add_middleware(TokenAuthMiddleware, token=settings.token, allow_path_token=settings.allow_path_token)
     app.add_middleware(RequestLogMiddleware, runtime=rt)
@@ -136,11 +151,13 @@ def _add_routes(app: FastAPI, rt: Runtime) -> None:
     # --- hpcseg's health and info ------------------------------------------------------------------------------
     @app.get("/health/live", summary="The process answers")
     async def live() -> dict[str, Any]:
-        return {"status": "alive", "uptime": round(time.time() - rt.started, 1), "version": __version__}
+        return {"status": "alive", "uptime": round(time.time() - rt.started, 1), "version": __version__,
+                "protocol": PROTOCOL_VERSION}
 
     @app.get("/health/ready", summary="200 when every loadable model is loaded and warm, else 503")
     async def ready() -> JSONResponse:
         body = {"ready": registry.ready(), "state": registry.state(), "version": __version__,
+                "protocol": PROTOCOL_VERSION,
                 "models": {e.name: e.status() for e in registry.entries()}}
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 

@@ -55,8 +55,8 @@ def diagnose(profile: Profile, *, shell: Shell | None = None, user_keys: set[str
         try:
             shell.home()
         except UnknownHostKey as exc:
-            add("host key known", False, exc.message, f"check the fingerprint {exc.fingerprint} with your site, then "
-                f"hpcseg trust {profile.host}")
+            add("host key known", False, exc.message, exc.hint or f"check the fingerprint {exc.fingerprint} with "
+                f"your site, then hpcseg trust {profile.host}")
             return items
         except ChangedHostKey as exc:
             add("host key known", False, exc.message, exc.hint or "ask your admins whether the host key changed")
@@ -167,8 +167,11 @@ def _runtime_items(prof: Profile, shell: Shell, add) -> None:
     image = _abs(shell, prof.image) if prof.image else None
     venv = _abs(shell, prof.venv) if prof.venv else None
     py = _abs(shell, prof.python)
+    # the environment a job has: its modules loaded and its venv active (sites put runtimes on PATH that way)
+    setup = "".join(f"module load {shlex.quote(m)} >/dev/null 2>&1; " for m in prof.modules)
+    setup += f". {shlex.quote(venv)}/bin/activate && " if venv else ""
     if prof.container_runtime != "none":
-        res = shell.run(["sh", "-c", 'command -v "$1"', "sh", prof.container_runtime], timeout=30)
+        res = shell.run(["sh", "-c", setup + 'command -v "$1"', "sh", prof.container_runtime], timeout=30)
         if not res.ok:
             add("container runtime and image", False, f"{prof.container_runtime} not found on {shell.name}",
                 "load it in your login environment (modules = [...]) or ask your admins")
@@ -178,12 +181,12 @@ def _runtime_items(prof: Profile, shell: Shell, add) -> None:
                 "copy the image there (singularity/README.md) or fix image in the site bundle or profile")
             return
         add("container runtime and image", True, f"{prof.container_runtime}, {image}")
-        probe = [prof.container_runtime, "exec", image, py, "-m", "hpcseg.protocol"]
+        probe = ["sh", "-c", setup + 'exec "$@"', "sh", prof.container_runtime, "exec", image, py, "-m",
+                 "hpcseg.protocol"]
     else:
         add("container runtime and image", True, "no container (python " + py + (f", venv {venv}" if venv else "")
             + ")")
-        probe = ["sh", "-c", (f". {shlex.quote(venv)}/bin/activate && " if venv else "") + 'exec "$@"', "sh",
-                 py, "-m", "hpcseg.protocol"]
+        probe = ["sh", "-c", setup + 'exec "$@"', "sh", py, "-m", "hpcseg.protocol"]
     res = shell.run(probe, timeout=120)
     if not res.ok:
         tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or [f"exit {res.exit_code}"]
@@ -232,7 +235,7 @@ def _folder_items(prof: Profile, shell: Shell, add, bundle) -> None:
         add("models dir readable", False, f"{models} is {'missing' if res.exit_code == 2 else 'not readable'}",
             "ask your admins to make the site's models folder readable (chmod -R o+rX), or fix models_dir")
     data = _abs(shell, prof.datasets_path)
-    res = shell.run(["sh", "-c", 'mkdir -p -- "$1" 2>/dev/null; test -d "$1" && test -w "$1"', "sh", data],
+    res = shell.run(["sh", "-c", 'umask 077; mkdir -p -- "$1" 2>/dev/null; test -d "$1" && test -w "$1"', "sh", data],
                     timeout=30)
     add("datasets dir writable", res.ok, data,
         "" if res.ok else "set datasets_dir to a folder you can write (hpcseg config set datasets_dir PATH)")
@@ -242,7 +245,7 @@ def _folder_items(prof: Profile, shell: Shell, add, bundle) -> None:
         text = " | ".join(ln.strip() for ln in (res.stdout or res.stderr).strip().splitlines()[-3:])
         add("disk quota", res.ok, text or "(no output)", "" if res.ok else f"`{' '.join(qc)}` failed: ask your admins")
     wd = _abs(shell, prof.work_dir).rstrip("/")
-    res = shell.run(["sh", "-c", 'mkdir -p -m 700 -- "$1" && stat -c %a -- "$1"', "sh", wd], timeout=30)
+    res = shell.run(["sh", "-c", 'umask 077; mkdir -p -- "$1" && stat -c %a -- "$1"', "sh", wd], timeout=30)
     mode = res.stdout.strip()
     if not res.ok or not mode.isdigit():
         add("work dir private", False, f"{wd}: {res.stderr.strip() or 'cannot create it'}",

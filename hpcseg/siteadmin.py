@@ -81,6 +81,9 @@ def validate(shell: Shell, folder: str | None, base: Profile) -> tuple[SiteBundl
                                 'set contact = "who users write to" under [site]'))
     presets = sorted(bundle.presets) or [None]
     checked_sched: set[tuple[str, str | None]] = set()
+    # a broken template breaks every preset: one line per template, naming the presets it was seen with
+    rendered: dict[tuple[str, str], tuple[Problem, list[str]]] = {}
+    paths: dict[tuple[str, str], tuple[str, str, str]] = {}  # each path checked once, named by its table
     for preset in presets:
         label = f"{where} [presets.{preset}]" if preset else f"{where} [defaults]"
         prof, origins = preset_profile(bundle, preset, base)
@@ -89,12 +92,20 @@ def validate(shell: Shell, folder: str | None, base: Profile) -> tuple[SiteBundl
         except HpcsegError as exc:
             problems.append(Problem(label, f"the preset breaks a limit: {exc.message.split('; nothing')[0]}",
                                     "change the preset or the limit in [limits]"))
-        problems += _render_checks(bundle, preset, prof, shell, label)
+        for key, problem in _render_checks(bundle, preset, prof, shell, label).items():
+            rendered.setdefault(key, (problem, []))[1].append(preset or "the defaults")
         key = (prof.scheduler, prof.partition)
         if prof.scheduler != "local" and key not in checked_sched:
             checked_sched.add(key)
             problems += _scheduler_checks(bundle, preset, prof, shell, label)
-        problems += _path_checks(prof, shell, label)
+        for key, path, test, fix in _paths(prof):
+            table = f"[presets.{preset}]" if origins.get(key, "").startswith("preset") else "[defaults]"
+            paths.setdefault((key, path), (test, fix, f"{where} {table}"))
+    for problem, seen_with in rendered.values():
+        problems.append(Problem(problem.file, f"{problem.message} (with {', '.join(seen_with)})", problem.fix))
+    for (key, path), (test, fix, label) in paths.items():
+        if not shell.run(["test", test, path], timeout=30).ok:
+            problems.append(Problem(label, f"{key} = {path!r} is not there", fix))
     problems += _permission_checks(bundle, shell, where)
     seen, unique = set(), []
     for p in problems:
@@ -122,22 +133,24 @@ def _jobs(prof: Profile, shell: Shell, bundle: SiteBundle):
 
 
 def _render_checks(bundle: SiteBundle, preset: str | None, prof: Profile, shell: Shell, label: str
-                   ) -> list[Problem]:
+                   ) -> dict[tuple[str, str], Problem]:
+    """Render each job template with the preset: the first problem of each, keyed by (file, template)."""
     from .templates import _SAMPLE_PARAMS, check_script
 
     jm = _jobs(prof, shell, bundle)
-    what = label.split(" ", 1)[1]
-    out = []
+    out: dict[tuple[str, str], Problem] = {}
     for t in JOB_TEMPLATES:
+        file = _template_file(bundle, t)
         try:
             script = jm.render(t, dict(_SAMPLE_PARAMS), name=f"{t}-validate")[0]
         except HpcsegError as exc:
-            out.append(Problem(_template_file(bundle, t), f"{t} for {what} does not render: {exc.message}",
-                               "fix the template (hpcseg site render PRESET shows the script)"))
+            out[(file, t)] = Problem(file, f"{t} does not render: {exc.message}",
+                                     "fix the template (hpcseg site render PRESET shows the script)")
             continue
-        for p in check_script(script):
-            out.append(Problem(_template_file(bundle, t), f"{t} for {what}: bash -n: {p}",
-                               "fix the template's shell syntax"))
+        found = check_script(script)
+        if found:
+            out[(file, t)] = Problem(file, f"{t}: bash -n: {' / '.join(found)}",
+                                     "fix the template's shell syntax (hpcseg site render PRESET shows the script)")
     return out
 
 
@@ -180,8 +193,8 @@ def _scheduler_checks(bundle: SiteBundle, preset: str | None, prof: Profile, she
     return out
 
 
-def _path_checks(prof: Profile, shell: Shell, label: str) -> list[Problem]:
-    out = []
+def _paths(prof: Profile) -> list[tuple[str, str, str, str]]:
+    """(key, path, test flag, fix) for the site paths a preset's jobs need (``~`` paths are each user's own)."""
     checks = []
     if prof.container_runtime != "none" and prof.image:
         checks.append(("image", prof.image, "-r", "copy the image there (singularity/README.md) or fix image"))
@@ -191,13 +204,7 @@ def _path_checks(prof: Profile, shell: Shell, label: str) -> list[Problem]:
         checks.append(("python", prof.python, "-x", "install hpcseg there or fix python"))
     if prof.venv:
         checks.append(("venv", prof.venv, "-d", "create the venv or fix venv"))
-    for key, path, test, fix in checks:
-        if path.startswith("~"):
-            continue  # each user's own
-        res = shell.run(["test", test, path], timeout=30)
-        if not res.ok:
-            out.append(Problem(label, f"{key} = {path!r} is not there", fix))
-    return out
+    return [c for c in checks if not c[1].startswith("~")]
 
 
 def _permission_checks(bundle: SiteBundle, shell: Shell, where: str) -> list[Problem]:

@@ -276,7 +276,7 @@ def test_site_validate_catches_each_fault_with_one_line(fault, cluster, shell, f
     assert "; fix: " in line
     want = {"bash-n": (f"{site}/templates/server.sh.j2", "bash -n"),
             "partition": (f"{site}/site.toml [presets.cpu-debug]", "no partition ghost"),
-            "image": (f"{site}/site.toml [presets.", "missing.sif' is not there"),
+            "image": (f"{site}/site.toml [defaults]", "missing.sif' is not there"),
             "models-writable": (f"{folder}/models", "writable by others"),
             "preset-past-limit": (f"{site}/site.toml [presets.gpu-small]", "max_gpus = 2")}[fault]
     assert line.startswith("BAD " + want[0]) and want[1] in line, line
@@ -318,7 +318,7 @@ def test_doctor_all_ok_then_each_fault_gives_exactly_its_own_line(cluster, shell
                                                                    user_config, tmp_path):
     user_config(doctor_site)
     r, out = _doctor()
-    assert r.exit_code == 0 and out["ok"], out
+    assert r.exit_code == 0 and out["ok"], [i for i in out["items"] if not i["ok"]]
     names = [i["item"] for i in out["items"]]
     for item in ("ssh reachable", "host key known", "login method", "scheduler commands", "site bundle",
                  "partition and GPU request", "container runtime and image", "server protocol",
@@ -362,6 +362,9 @@ def test_doctor_all_ok_then_each_fault_gives_exactly_its_own_line(cluster, shell
         bad = [i for i in out["items"] if not i["ok"]]
         assert r.exit_code == 1 and [i["item"] for i in bad] == [item], (item, out)
         assert bad[0]["fix"], bad[0]
+        assert {"container runtime and image": "missing.sif", "partition and GPU request": "ghost",
+                "models dir readable": "not readable", "work dir private": "others can read it",
+                "host key known": "is not known", "server protocol": "older"}[item] in bad[0]["detail"], bad
     # the protocol fault says which versions and what to upgrade
     r, out = _doctor("--set", f"python={folder}/old-python")
     line = next(i for i in out["items"] if i["item"] == "server protocol")
@@ -370,6 +373,6 @@ def test_doctor_all_ok_then_each_fault_gives_exactly_its_own_line(cluster, shell
     shell.write_text(f"{folder}/hpcseg.sif", "FAKE image", mode=0o644)
     r, out = _doctor("--set", "container_runtime=singularity", "--set", f"image={folder}/hpcseg.sif",
                      "--set", f"venv={fake}")
-    assert r.exit_code == 0 and out["ok"], out
+    assert r.exit_code == 0 and out["ok"], [i for i in out["items"] if not i["ok"]]
     r = cli("doctor")
     assert r.output.count("\n") >= 12 and "FIX" not in r.output

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -250,3 +251,113 @@ def test_a_requeued_job_forgets_the_last_ending(tmp_path):
     (job_dir / "job.sh").write_text(ENGINE.render("run.sh.j2", ctx))
     res = _run(job_dir / "job.sh")
     assert res.stdout == "" and (job_dir / "exit_code").read_text() == "0\n" and not (job_dir / "ending").exists()
+
+
+# ---- the site layer: values an admin writes in site.toml or a preset fills ------------------------------------
+
+def _site_profile(tables: dict, key_where: str = "presets") -> tuple[Profile, object] | None:
+    """Resolve a host-only profile over a site bundle holding ``tables`` (written as real TOML on disk);
+    None when the bundle is refused."""
+    import tempfile
+
+    import tomli_w
+
+    from hpcseg.site import resolve
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "site.toml").write_text(tomli_w.dumps(tables))
+        try:
+            res = resolve(Profile(name="p", host="login", site=d), shell=LocalShell(), user_keys={"host", "site"})
+        except (ConfigError, TemplateError):
+            return None
+        return res.profile, res.bundle
+
+
+def _render_or_refuse(prof: Profile, template: str = "run.sh.j2") -> str | None:
+    try:
+        ctx = build_context(prof, template=template, job_dir="/w/j", work_dir="/w", job_name="j",
+                            params={"command": ["true"]}, home="/home/u")
+        return ENGINE.render(template, ctx)
+    except (ConfigError, TemplateError):
+        return None
+
+
+@settings(_settings, max_examples=100)
+@given(key=st.sampled_from(["account", "partition", "gpu_type", "extra_directives"]),
+       value=st.one_of(SAFE_WORD, hostile_nonempty, SAFE_WORD.map(lambda w: "--" + w)),
+       sched=st.sampled_from(["slurm", "slurm-gpus", "pbs-pro", "pbs-torque"]),
+       where=st.sampled_from(["defaults", "preset"]))
+def test_hostile_directive_values_from_the_site_are_treated_exactly_as_profile_values(key, value, sched, where):
+    scheduler, fields = VARIANTS[sched]
+    val = [value] if key == "extra_directives" else value
+    common = dict(fields, scheduler=scheduler, gpus=1)
+    # the same value in a user's profile: refused, or this exact script
+    expected = _render_or_refuse(Profile(name="p", host="login", **{**common, key: val}))
+    tables: dict = {"defaults": dict(common)}
+    if where == "preset":
+        tables["presets"] = {"x": {key: val}}
+        tables["site"] = {"default_preset": "x"}
+    else:
+        tables["defaults"][key] = val
+    got = _site_profile(tables)
+    if got is None:  # the bundle itself was refused: then the profile value is refused too
+        assert expected is None, f"{value!r} refused in site.toml but accepted in a profile"
+        return
+    prof, _bundle = got
+    prof.site = prof.preset = None  # the site's own keys are not on any script line
+    assert _render_or_refuse(prof) == expected
+
+
+@settings(_settings, max_examples=80)
+@given(values=st.fixed_dictionaries({
+    "python": hostile_nonempty, "models_dir": hostile_nonempty, "datasets_dir": hostile_nonempty,
+    "venv": hostile_nonempty, "image": hostile_nonempty,
+    "modules": st.lists(hostile_nonempty, max_size=3), "binds": st.lists(hostile_nonempty, max_size=3)}),
+    runtime=st.sampled_from(["none", "singularity"]), sched=st.sampled_from(sorted(VARIANTS)))
+def test_hostile_body_values_from_the_site_keep_every_template_valid_bash(values, runtime, sched):
+    scheduler, fields = VARIANTS[sched]
+    defaults = dict(fields, scheduler=scheduler, container_runtime=runtime, **values)
+    got = _site_profile({"defaults": defaults, "presets": {"p": {"gpus": 0 if scheduler == "local" else 1}}})
+    expected = _render_or_refuse(Profile(name="p", host="login", **defaults))
+    if got is None:
+        assert expected is None
+        return
+    prof, _ = got
+    prof.site = prof.preset = None
+    for name in TEMPLATES:
+        try:
+            ctx = build_context(prof, template=name, job_dir="/w/j", work_dir="/w", job_name="j",
+                                params={"command": ["true"], "model": "m", "dataset": "d", "out_dir": "/o"},
+                                home="/home/u")
+        except (ConfigError, TemplateError):
+            continue  # refused (e.g. a bind path a runtime cannot take), as it is for a profile
+        assert check_script(ENGINE.render(name, ctx)) == []
+
+
+def test_server_command_line_from_hostile_site_values_reaches_the_program_word_for_word(tmp_path):
+    """python and models_dir come from site.toml (a preset fills idle_timeout and device): the job runs them as
+    one word each, and no injected command runs."""
+    import tomli_w
+
+    from hpcseg.site import resolve
+
+    job_dir, work = _job(tmp_path)
+    models = tmp_path / "models; touch CANARY $(touch CANARY)"
+    site = tmp_path / "site `touch CANARY`"
+    site.mkdir()
+    (site / "site.toml").write_text(tomli_w.dumps({
+        "defaults": {"scheduler": "local", "gpus": 0, "python": str(_fake_python(tmp_path)),
+                     "models_dir": str(models), "work_dir": str(work)},
+        "presets": {"x": {"idle_timeout": 600, "device": "cuda:1"}}, "site": {"default_preset": "x"}}))
+    res = resolve(Profile(name="p", site=str(site)), shell=LocalShell(), user_keys={"site"})
+    job_dir.mkdir(parents=True)
+    ctx = build_context(res.profile, template="server", job_dir=str(job_dir), work_dir=str(work), job_name="t",
+                        params={})
+    (job_dir / "job.sh").write_text(ENGINE.render("server.sh.j2", ctx))
+    out = _run(job_dir / "job.sh")
+    assert out.exit_code == 0, out.stderr
+    assert out.stdout.split("\0")[:-1] == [
+        "-m", "hpcseg.server", "--models-dir", str(models), "--connection-file", f"{job_dir}/connection.json",
+        "--host", "0.0.0.0", "--port", "0", "--idle-timeout", "600", "--device", "cuda:1",
+        "--log-file", f"{job_dir}/server.log"]
+    assert canaries(tmp_path) == []

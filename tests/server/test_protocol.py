@@ -17,7 +17,7 @@ from hpcseg.client import ServerClient
 from hpcseg.errors import ServerError
 from hpcseg.protocol import HEADER, PROTOCOL_VERSION
 
-from .conftest import HERE, REPO, standard_models
+from .conftest import REPO
 
 #: main before protocol versions existed (the commit this feature was built on)
 PRE_PROTOCOL_COMMIT = "1dd9bb2"
@@ -72,11 +72,12 @@ def old_hpcseg(tmp_path_factory):
 
 
 def test_an_older_server_is_refused_with_one_line(tmp_path, old_hpcseg):
-    models = standard_models(tmp_path / "models")
+    models = tmp_path / "models"  # empty: the old server serves its own built-in models
+    models.mkdir()
     conn, log = tmp_path / "connection.json", tmp_path / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    env["PYTHONPATH"] = os.pathsep.join([str(old_hpcseg), str(HERE)])
-    proc = subprocess.Popen([sys.executable, "-m", "hpcseg.server", "--no-builtin-models", "--models-dir",
+    env["PYTHONPATH"] = str(old_hpcseg)
+    proc = subprocess.Popen([sys.executable, "-m", "hpcseg.server", "--models-dir",
                              str(models), "--connection-file", str(conn), "--host", "127.0.0.1", "--port", "0",
                              "--device", "cpu", "--log-file", str(log)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=env)

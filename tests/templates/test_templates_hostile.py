@@ -358,6 +358,6 @@ def test_server_command_line_from_hostile_site_values_reaches_the_program_word_f
     assert out.exit_code == 0, out.stderr
     assert out.stdout.split("\0")[:-1] == [
         "-m", "hpcseg.server", "--models-dir", str(models), "--connection-file", f"{job_dir}/connection.json",
-        "--host", "0.0.0.0", "--port", "0", "--idle-timeout", "600", "--device", "cuda:1",
+        "--host", "127.0.0.1", "--port", "0", "--idle-timeout", "600", "--device", "cuda:1",
         "--log-file", f"{job_dir}/server.log"]
     assert canaries(tmp_path) == []

@@ -133,10 +133,12 @@ class JobManager:
     """Jobs of one profile: render, submit, status, wait, cancel, logs."""
 
     def __init__(self, profile: Profile, shell: Shell | None = None, store: JobStore | None = None,
-                 engine: Any = None, site: Any = None, origins: dict[str, str] | None = None) -> None:
+                 engine: Any = None, site: Any = "auto", origins: dict[str, str] | None = None) -> None:
         self.profile = profile
-        #: the cluster's site bundle (hpcseg.site.SiteBundle): its limits are checked before any submission
-        self.site = site
+        #: the cluster's site bundle (hpcseg.site.SiteBundle): its limits are checked before any submission.
+        #: "auto" (the default) looks for it over this manager's shell at the first render, so every way to a
+        #: job (CLI, batch, Slicer's worker, the library) meets the same limits; None: no site layer.
+        self._site = site
         self.origins = origins
         self._shell = shell
         self.store = store or JobStore()
@@ -150,6 +152,21 @@ class JobManager:
         if self._shell is None:
             self._shell = open_shell(self.profile)
         return self._shell
+
+    @property
+    def site(self) -> Any:
+        """The site bundle (found over the shell once when constructed with ``site="auto"``), or None."""
+        if isinstance(self._site, str):
+            self._site = None
+            if self.profile.site != "none" and (self.profile.host or self.profile.site):
+                from .site import fetch
+
+                self._site = fetch(self.shell, self.profile.site)
+        return self._site
+
+    @site.setter
+    def site(self, bundle: Any) -> None:
+        self._site = bundle
 
     @property
     def engine(self):

@@ -129,7 +129,7 @@ def _jobs(prof: Profile, shell: Shell, bundle: SiteBundle):
     from .jobs import JobManager
     from .templates import TemplateEngine
 
-    return JobManager(prof, shell=shell, engine=TemplateEngine.for_profile(prof, bundle=bundle))
+    return JobManager(prof, shell=shell, engine=TemplateEngine.for_profile(prof, bundle=bundle), site=None)
 
 
 def _render_checks(bundle: SiteBundle, preset: str | None, prof: Profile, shell: Shell, label: str

@@ -237,3 +237,16 @@ def test_cli_config_show_origin_and_a_refusal(tmp_path):
     # config set writes only the keys the user set: site values are not pinned into the file
     assert _cli("config", "set", "cpus", "3").exit_code == 0
     assert set(load_config().explicit["me"]) == {"site", "walltime", "cpus"}
+
+
+def test_a_job_manager_made_without_the_site_finds_it_and_its_limits(tmp_path):
+    """Batch jobs, Slicer's worker and library users make JobManager(profile) themselves: the limits bind them too."""
+    site = make_bundle(tmp_path / "site")
+    res = resolve(user(site=str(site)), shell=LocalShell(), user_keys={"host", "site"},
+                  overrides={"walltime": "12:00:00"})
+    jm = JobManager(res.profile, shell=LocalShell(), store=JobStore(tmp_path / "jobs.json"))
+    jm._work_dir = str(tmp_path / "work")
+    with pytest.raises(LimitExceeded, match="max_walltime"):
+        jm.render("server")
+    assert jm.site.location == str(site.resolve()) and not (tmp_path / "work").exists()
+    assert JobManager(res.profile, shell=LocalShell(), site=None).site is None  # explicitly none

@@ -55,13 +55,14 @@ from pathlib import Path
 import paramiko
 import platformdirs
 
-from .errors import AuthenticationFailed, ChangedHostKey, ConnectionFailed, TransferFailed, UnknownHostKey
+from .errors import AuthenticationFailed, ChangedHostKey, ConnectionFailed, HostKeyError, TransferFailed, UnknownHostKey
 from .shell import Argv, Result, join
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
 KEEPALIVE = 15.0  # seconds between liveness probes, and the most a probe waits for its answer
+RECONNECT_FOR = 15.0  # seconds a re-login after a drop keeps trying a refused or timed-out connect
 KEEPALIVE_REQUEST = "keepalive@openssh.com"  # OpenSSH's own; any server answers an unknown one with a failure
 CODE_TRIES = 3  # keyboard-interactive rounds a person gets for a one-time code (OpenSSH's NumberOfPasswordPrompts)
 _GCM_FIRST = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr", "aes192-ctr")
@@ -175,12 +176,29 @@ class SSHShell:
                     log.warning("SSH connection to %s lost; logging in again", self.name)
                     self._transport.close()
                     self._transport = None
-                self._transport = self._connect()
+                self._transport = self._reconnect() if self.logins else self._connect()
                 self.logins += 1
                 watchdog = threading.Thread(target=self._watch, args=(self._transport,), daemon=True,
                                             name=f"ssh-keepalive-{self.name}")
                 watchdog.start()
             return self._transport
+
+    def _reconnect(self) -> paramiko.Transport:
+        """Log in again after a drop: a refused or timed-out connect (sshd restarting, the network coming back)
+        is tried again for up to ``RECONNECT_FOR`` seconds; a refused key or host key is not."""
+        deadline = time.monotonic() + RECONNECT_FOR
+        delay = 0.25
+        while True:
+            try:
+                return self._connect()
+            except (HostKeyError, AuthenticationFailed):
+                raise
+            except ConnectionFailed as exc:
+                if not exc.retryable or time.monotonic() + delay > deadline:
+                    raise
+                log.info("logging in to %s again failed (%s); trying again in %.2f s", self.name, exc.message, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def alive(self, timeout: float | None = None) -> bool:
         """Whether the connection answers a global request within ``timeout`` (default: the keepalive interval)."""

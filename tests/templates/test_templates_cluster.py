@@ -3,7 +3,8 @@
 1,100 hostile words travel in five jobs: four through ``sbatch`` (Slurm header, GPUs by --gres and --gpus, a job
 folder whose name is itself hostile) and one through the Torque-style ``qsub`` wrapper (PBS header). Each job
 prints its words NUL-separated; the output must equal them byte for byte, ``exit_code`` must read 0, and no
-injected ``touch CANARY`` may have run anywhere under the test folder.
+injected ``touch CANARY`` may have run anywhere under the test folder. Beside that fixed, seeded list,
+hypothesis draws new words (and a hostile job folder name) for a bounded number of real Slurm jobs per run.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ import time
 import uuid
 
 import pytest
-from tpl_support import hostile_words
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from tpl_support import hostile_text, hostile_words
 
 from hpcseg.config import Profile
+from hpcseg.schedulers.base import SubmitSpec
+from hpcseg.schedulers.slurm import Slurm
 from hpcseg.templates import TemplateEngine, build_context, check_script
 
 pytestmark = pytest.mark.cluster
@@ -130,3 +135,45 @@ def test_scancel_is_recorded_in_exit_code_and_usr2_in_ending(cluster, remote_bas
     assert wait_file("ending") == b"walltime\n"
     ssh_ok(cluster, f"scancel {job_id}")
     assert wait_file("exit_code", timeout=30) == b"143\n"
+
+
+#: real Slurm jobs per run for the hypothesis-drawn words: bounded (each is a real job), no shrinking (a failing
+#: example is reported as drawn, with its words, rather than resubmitted dozens of times)
+DRAWN_JOBS = 4
+
+
+@settings(max_examples=DRAWN_JOBS, deadline=None, phases=[Phase.generate], database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(words=st.lists(hostile_text, min_size=1, max_size=120),
+       # no backslash in the folder: sbatch's --output reads "\\" as "expand no pattern" and drops it (see the
+       # report of issue 13: a work_dir with a backslash cannot hold Slurm job output)
+       folder=hostile_text.filter(lambda t: t.strip(".") != "" and "/" not in t and "\\" not in t))
+def test_hypothesis_drawn_words_run_as_real_slurm_jobs(cluster, remote_base, tmp_path, words, folder):
+    """Issue 13, point 15: the values hypothesis draws (not only the seeded list above) run as real Slurm jobs."""
+    q = shlex.quote
+    base = f"{remote_base}/{uuid.uuid4().hex[:8]}"
+    job_dir = f"{base}/{folder}"
+    prof = Profile(name="cluster", scheduler="slurm", host=cluster.host, partition=cluster.partition, cpus=1,
+                   memory="100M", walltime="00:05:00", gpus=0, work_dir=base)
+    ctx = build_context(prof, template="run", job_dir=job_dir, work_dir=base, job_name="tpl-drawn",
+                        params={"command": ["printf", "%s\\0", *words]}, home=cluster.home)
+    script = ENGINE.render("run.sh.j2", ctx)
+    assert check_script(script) == []
+    local = tmp_path / f"drawn-{uuid.uuid4().hex[:8]}.sh"
+    local.write_text(script)
+    ssh_ok(cluster, f"mkdir -p -- {q(job_dir)}")
+    scp_to(cluster, local, f"{base}/drawn.sh")
+    # submitted as hpcseg submits (its Slurm backend's command: a drawn '%' in the folder is doubled for sbatch)
+    sbatch = Slurm().submit_command(SubmitSpec(script_path=f"{job_dir}/job.sh", job_dir=job_dir, job_name="tpl-drawn"))
+    job_id = ssh_ok(cluster, f"mv -- {q(base + '/drawn.sh')} {q(job_dir + '/job.sh')} && "
+                             f"{shlex.join(sbatch.argv)}").decode().strip().split(";")[0]
+    assert job_id.isdigit(), job_id
+    deadline = time.monotonic() + 120
+    while ssh_ok(cluster, f"squeue -h -j {job_id} -o %i 2>/dev/null || true").strip():
+        assert time.monotonic() < deadline, f"job {job_id} still queued"
+        time.sleep(0.5)
+    exit_code = ssh_ok(cluster, f"cat -- {q(job_dir + '/exit_code')} || cat -- {q(job_dir + '/job.err')}")
+    assert exit_code == b"0\n", f"job {job_id}: {exit_code!r}"
+    assert ssh_ok(cluster, f"cat -- {q(job_dir + '/job.out')}") == b"".join(w.encode() + b"\0" for w in words)
+    assert ssh_ok(cluster, f"find {q(base)} -name 'CANARY*'") == b""

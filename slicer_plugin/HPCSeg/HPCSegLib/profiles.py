@@ -108,3 +108,20 @@ class ProfileForm:
         cfg = hconfig.load_config(self.path)
         cfg.set_profile(prof, make_default=make_default)
         return cfg.save()
+
+
+def site_presets(name: str) -> list[dict]:
+    """The cluster's site presets for profile ``name``, each with the refusal ``submit`` would give, or None
+    (``hpcseg.site.presets_for``; connects to the login node)."""
+    from hpcseg.site import presets_for
+
+    cfg = hconfig.load_config()
+    return presets_for(cfg.profile(name), user_keys=cfg.explicit.get(name))
+
+
+def doctor_items(name: str) -> list[dict]:
+    """``hpcseg doctor`` for profile ``name``: one dict per item (item, ok, detail, fix)."""
+    from hpcseg.doctor import as_json, diagnose
+
+    cfg = hconfig.load_config()
+    return as_json(diagnose(cfg.profile(name), user_keys=cfg.explicit.get(name)))

@@ -16,7 +16,7 @@ Example (what the panel does)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import dependencies
@@ -47,6 +47,10 @@ class PageState:
     current: str = ""
     fields: list[Field] = field(default_factory=list)
     values: dict[str, str] = field(default_factory=dict)
+    #: the cluster's site presets for the current profile (name, description, values, default, refusal)
+    presets: list[dict[str, Any]] = field(default_factory=list)
+    #: the last "Test connection": hpcseg doctor's items (item, ok, detail, fix)
+    checks: list[dict[str, Any]] = field(default_factory=list)
 
 
 class SettingsPageLogic:
@@ -81,7 +85,33 @@ class SettingsPageLogic:
         """Validate and write the profile to hpcseg's config file (the one the ``hpcseg`` command reads)."""
         return self._guard(self._save, name.strip(), values, make_default)
 
+    def site_presets(self, name: str) -> PageState:
+        """The cluster's site presets for the profile, each with the refusal ``submit`` would give (connects)."""
+        return self._guard(self._site_presets, name.strip())
+
+    def test_connection(self, name: str) -> PageState:
+        """``hpcseg doctor`` for the profile: one item per line, ok or exactly what to do (connects)."""
+        return self._guard(self._test_connection, name.strip())
+
     # --- the actions, with hpcseg importable ----------------------------------------------------------------
+    def _site_presets(self, name: str) -> PageState:
+        from .profiles import site_presets
+
+        rows = site_presets(name)
+        refused = sum(1 for r in rows if r["refusal"])
+        message = (f"{len(rows)} site preset(s)" + (f", {refused} refused with this profile" if refused else "")
+                   if rows else "no site bundle (or no presets) for this profile")
+        return replace(self.state, presets=rows, message=message, error=False)
+
+    def _test_connection(self, name: str) -> PageState:
+        from .profiles import doctor_items
+
+        items = doctor_items(name)
+        bad = [i for i in items if not i["ok"]]
+        message = "all ok" if not bad else (f"FIX  {bad[0]['item']}: {bad[0]['detail']}"
+                                            + (f" -> {bad[0]['fix']}" if bad[0]["fix"] else ""))
+        return replace(self.state, checks=items, message=message, error=bool(bad))
+
     @staticmethod
     def _fields() -> list[Field]:
         from .profiles import form_fields

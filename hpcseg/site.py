@@ -306,9 +306,8 @@ if [ -z "$d" ]; then echo "none"; exit 0; fi
 if [ ! -r "$d/site.toml" ]; then echo "missing $d"; exit 0; fi
 cd -- "$d" || exit 1
 echo "dir $(pwd -P)"
-{ echo site.toml; find templates -type f -name '*.j2' 2>/dev/null; } | LC_ALL=C sort | while IFS= read -r f; do
-  sha256sum -- "$f" || exit 1
-done
+{ printf 'site.toml\0'; find templates -type f -name '*.j2' -print0 2>/dev/null; } | LC_ALL=C sort -z |
+  xargs -0 sha256sum --
 """
 
 

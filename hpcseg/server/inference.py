@@ -41,6 +41,7 @@ from monai.utils import fall_back_tuple
 from hpcseg import imaging
 from hpcseg.errors import ImageError
 from hpcseg.server import progress as request_progress
+from hpcseg.server.crop import check_crop, crop_to_foreground
 from hpcseg.server.modelbase import ModelManifest, bad_request, resolve_device
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -315,9 +316,14 @@ def segment(image: sitk.Image, predictor: Predictor, manifest: ModelManifest, pa
         raise ImageError("the model needs a 3D single-channel image")
     spacing, direction = model_grid_params(manifest, image, params)
     grid = to_model_space(image, spacing, direction)
+    crop = check_crop(manifest.extra.get("crop"))  # extra.crop: cut to the object (and resize), see server/crop.py
+    if crop:
+        grid = crop_to_foreground(grid, crop)
     x = image_to_tensor(grid, manifest.intensity)
     dev = torch.device(resolve_device(params.get("device") or device))
     win = window_params(manifest, params)
+    if crop and crop["resize"] and manifest.roi_size is None and "roi_size" not in params:
+        win["roi_size"] = list(crop["resize"])  # the network sees the whole resized box at once
     sw = manifest.extra.get("sliding_window") or {}  # a bundle's inferer: mode, sigma_scale, padding_mode, cval
     sw = {k: sw[k] for k in ("mode", "sigma_scale", "padding_mode", "cval") if k in sw}
     with torch.inference_mode():

@@ -134,6 +134,9 @@ class ModelManifest:
         clean = dict(data)
         clean["labels"] = {str(k): int(v) for k, v in labels.items()}
         clean["extra"] = dict(data.get("extra") or {})
+        from hpcseg.server.crop import check_crop
+
+        check_crop(clean["extra"].get("crop"), source)  # refused at load, naming the key, not at the first request
         return cls(**clean)
 
     def to_dict(self) -> dict[str, Any]:

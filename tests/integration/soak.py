@@ -47,6 +47,7 @@ class SoakCounts:
     inferences_logged: int = 0
     slowest: float = 0.0
     by_kind: Counter = field(default_factory=Counter)
+    seconds: list[float] = field(default_factory=list)  # every request's duration
 
     @property
     def drops(self) -> int:
@@ -126,10 +127,15 @@ def _same(a: sitk.Image, b: sitk.Image) -> bool:
     return a.GetSize() == b.GetSize() and np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
 
 
+seen_keys: set[str] = set()  # request keys already counted by an earlier run_soak in this process (same server)
+
+
 def run_soak(conn, cluster, *, duration: float, kill_every: tuple[float, float] = (8.0, 25.0),
              restart_at: float | None = None, blackhole_at: float | None = None, blackhole_for: float = 15.0,
-             deadline: float = 120.0, seed: int = 8, say=print) -> SoakCounts:
-    """Run the soak on an open ServerConnection (see the module docstring); returns the counts."""
+             deadline: float = 120.0, seed: int = 8, say=print, faults: bool = True) -> SoakCounts:
+    """Run the soak on an open ServerConnection (see the module docstring); returns the counts.
+
+    ``faults=False`` sends the same requests with no fault at all: the baseline of bench/bench_soak.py."""
     from hpcseg.phantoms import make_phantom
 
     client, shell = conn.client, conn.jobs.shell
@@ -144,10 +150,10 @@ def run_soak(conn, cluster, *, duration: float, kill_every: tuple[float, float] 
     want_click = [client.click(session, "deepgrow-regiongrow", c).mask for c in clicks]
     want_seg = client.segment(small, "phantom-unet", params=seg_params).mask
     logins0, retried0 = shell.logins, client.retried
-    faults = _Faults(cluster, shell, counts, duration, kill_every, restart_at if restart_at is not None else
-                     duration / 3, blackhole_at if blackhole_at is not None else 2 * duration / 3, blackhole_for,
-                     seed, say)
-    faults.start()
+    injector = _Faults(cluster, shell, counts, duration if faults else 0.0, kill_every,
+                       restart_at if restart_at is not None else duration / 3,
+                       blackhole_at if blackhole_at is not None else 2 * duration / 3, blackhole_for, seed, say)
+    injector.start()
     t0 = time.monotonic()
     try:
         while time.monotonic() - t0 < duration:
@@ -173,19 +179,22 @@ def run_soak(conn, cluster, *, duration: float, kill_every: tuple[float, float] 
             except Exception as exc:
                 counts.failed.append(f"{kind} after {time.monotonic() - t0:.0f} s: {type(exc).__name__}: {exc}")
             took = time.monotonic() - start
+            counts.seconds.append(took)
             counts.slowest = max(counts.slowest, took)
             if took > deadline:
                 counts.hangs += 1
             time.sleep(rng.uniform(0.05, 0.4))  # a person's pace, roughly
     finally:
-        faults.stop.set()
-        faults.join(60)
-    if faults.error is not None:
-        raise faults.error
+        injector.stop.set()
+        injector.join(60)
+    if injector.error is not None:
+        raise injector.error
     counts.logins = shell.logins - logins0
     counts.retried = client.retried - retried0
     log = conn.jobs.shell.read_text(f"{conn.record.job_dir}/server.log") or ""
     runs = Counter(re.findall(r"infer \S+ v\S+ request=([0-9a-f]{8}):", log))
+    runs = Counter({k: n for k, n in runs.items() if k not in seen_keys})
+    seen_keys.update(runs)
     counts.inferences_logged = sum(runs.values())
     counts.ran_twice = sum(1 for n in runs.values() if n > 1)
     return counts

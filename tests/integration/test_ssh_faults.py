@@ -75,3 +75,28 @@ def test_killed_session_reconnects_once(cluster):
         # at once, while paramiko may not have seen the reset yet: the open fails, the connection is checked
         out = sh.run("echo after-kill", check=True).stdout.strip()
         assert out == "after-kill" and sh.logins == 2
+
+
+def test_a_request_to_a_server_that_ended_names_that_cause(cluster):
+    from hpcseg.client import ServerClient
+    from hpcseg.errors import ServerError
+    from hpcseg.tunnel import Tunnel
+
+    with shell(cluster) as sh:
+        # a stand-in "server" on the login node: accepts, then its process ends (as a server job's does)
+        port = int(sh.run("python3 -c 'import socket; s=socket.socket(); s.bind((\"127.0.0.1\", 0)); "
+                          "print(s.getsockname()[1])'", check=True).stdout)
+        sh.run(f"nohup timeout 5 python3 -c 'import socket,time; s=socket.socket(); "
+               f"s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((\"127.0.0.1\", {port})); "
+               f"s.listen(); time.sleep(5)' >/dev/null 2>&1 & sleep 0.5", check=True)
+        tunnel = Tunnel(sh, "127.0.0.1", port)
+        local = tunnel.start()
+        try:
+            sh.run("sleep 5")  # the listener is gone now
+            client = ServerClient(f"http://127.0.0.1:{local}", "t" * 20, diagnose=tunnel.cause)
+            with pytest.raises(ServerError) as err:
+                client.health()
+        finally:
+            tunnel.close()
+        assert err.value.message == f"server job ended: nothing listens on 127.0.0.1:{port} any more"
+        assert "hpcseg jobs" in (err.value.hint or "")

@@ -175,14 +175,18 @@ class ServerClient:
         return resp.json()
 
     def wait_ready(self, timeout: float = 600.0, progress: Callable[[str], None] | None = None,
-                   poll: float = 1.0) -> dict[str, Any]:
-        """Wait until every loadable model is loaded and warm; ``progress`` gets a line per state change."""
+                   poll: float = 1.0, all_models: bool = False) -> dict[str, Any]:
+        """Wait until the server serves a model (``all_models``: until every model has loaded or failed);
+        ``progress`` gets a line per state change (nothing when the server is ready at once).
+
+        A server answers once its first model is warm; a request for a model still loading waits for it there.
+        """
         deadline, last, state = time.monotonic() + timeout, None, "no answer yet"
         while True:
             try:
                 body = self.health()
                 check_protocol(body)
-                if body.get("ready"):
+                if body.get("ready") and not (all_models and body.get("loading")):
                     return body
                 models = body.get("models", {})
                 state = f"{body.get('state')}: " + ", ".join(f"{n} {m.get('state')}" for n, m in models.items())

@@ -6,12 +6,13 @@ What a batch job needs from its server process, in order:
    not in ``ps``, the job script or its logs. It leaves the process only in the connection file.
 2. A socket this process binds itself (port 0 by default: the kernel picks a free port; there is no
    probe-then-release race, schedulers.md "Servers inside jobs"), served by uvicorn on that very socket.
-3. Once the models are loaded and warm: the connection file, written atomically with mode 0600 (``O_EXCL`` temp
-   file, then rename)::
+3. As soon as the first model is loaded and warm (models without torch load first; the others go on loading in
+   the background and a request for one of them waits for it): the connection file, written atomically with mode
+   0600 (``O_EXCL`` temp file, then rename), and written again when every model has loaded::
 
        {"host": "gpu017", "hostname": "gpu017", "port": 40123, "token": "...", "pid": 4242,
-        "started": "2026-01-01T12:00:00+00:00", "ready": "...", "models": ["ct-body"], "failed": {},
-        "version": "0.1.0", "url": "http://gpu017:40123", "protocol": 1}
+        "started": "2026-01-01T12:00:00+00:00", "ready": "...", "models": ["ct-body"], "loading": ["my-net"],
+        "failed": {}, "version": "0.1.0", "url": "http://gpu017:40123", "protocol": 1}
 
    If no model at all can be loaded, the process logs why and exits 3 (so the job fails visibly).
 4. Idle timeout: no request (health checks do not count) for N seconds -> graceful shutdown, exit 0, so the job
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--session-ttl", type=float, default=3600, metavar="SECONDS", help="idle life of a session")
     p.add_argument("--max-sessions", type=int, default=8, help="open sessions kept (least recently used go first)")
     p.add_argument("--workers", type=int, default=1, help="inferences run at once (one GPU: 1)")
+    p.add_argument("--model-wait", type=float, default=300, metavar="SECONDS",
+                   help="how long a request for a model that is still loading waits for it")
     p.add_argument("--grace", type=float, default=10, metavar="SECONDS",
                    help="on shutdown, how long to wait for requests to finish before cancelling them")
     g = p.add_argument_group("limits on what a client can hold (see hpcseg.server.guard)")
@@ -175,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         min_body_rate=args.min_body_rate_kb * 1024, max_connections=args.max_connections,
         max_unauthenticated=args.max_unauthenticated, header_timeout=args.header_timeout,
         retry_grace=args.retry_grace,
+        model_wait=args.model_wait,
     )
     app = create_app(settings)
     rt = app.state.runtime
@@ -199,23 +203,28 @@ def main(argv: list[str] | None = None) -> int:
                             http=protocol_class(rt))
     server = Server(config)
 
-    def on_ready() -> None:
+    ready_at: list[str] = []
+
+    def on_ready() -> dict[str, Any]:
         reg = rt.registry
+        ready_at[:] = ready_at or [datetime.now(timezone.utc).isoformat(timespec="seconds")]
         info = {"host": host, "hostname": socket.gethostname(), "port": port, "token": token, "pid": os.getpid(),
-                "started": started, "ready": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "started": started, "ready": ready_at[0],
                 "models": [e.name for e in reg.entries() if e.model is not None],
+                "loading": [e.name for e in reg.entries() if e.model is None and e.state in ("pending", "loading")],
                 "failed": {e.name: e.error for e in reg.entries() if e.state == "failed"},
                 "version": __version__, "url": f"http://{host}:{port}", "protocol": 1}
         if args.connection_file:
             write_connection_file(args.connection_file, info)
             life.written = args.connection_file
-        log.info("ready: serving %s at http://%s:%d%s", ", ".join(info["models"]), host, port,
-                 f"; connection file {args.connection_file}" if args.connection_file else "")
+        return info
+
+    def loading_done() -> bool:
+        return rt.registry.generation > 0 and not rt.registry.loading
 
     def watch() -> None:
-        while not server.should_exit and not (server.started and rt.registry.generation > 0
-                                              and not rt.registry.loading):
-            time.sleep(0.1)
+        while not server.should_exit and not (server.started and (rt.registry.ready() or loading_done())):
+            time.sleep(0.02)
         if server.should_exit:
             return
         if not rt.registry.ready():
@@ -224,15 +233,25 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
             return
         try:
-            on_ready()
+            info = on_ready()
         except OSError as exc:
             log.error("cannot write the connection file %s: %s", args.connection_file, exc)
             life.code, life.reason = 1, "connection file not written"
             server.should_exit = True
             return
+        log.info("ready: serving %s at http://%s:%d%s%s", ", ".join(info["models"]), host, port,
+                 f"; still loading {', '.join(info['loading'])}" if info["loading"] else "",
+                 f"; connection file {args.connection_file}" if args.connection_file else "")
         rt.touch()  # the idle clock starts when clients can connect
+        announced = not info["loading"]
         while not server.should_exit:
             time.sleep(0.25)
+            if not announced and loading_done():
+                announced = True
+                with contextlib.suppress(OSError):
+                    info = on_ready()
+                log.info("all models loaded: serving %s%s", ", ".join(info["models"]),
+                         f"; failed: {', '.join(info['failed'])}" if info["failed"] else "")
             idle = rt.idle_seconds()
             if args.idle_timeout and idle >= args.idle_timeout:
                 log.info("no request for %.0f s (idle timeout): shutting down", idle)

@@ -7,7 +7,8 @@ Routes (every one needs the job's token, see :mod:`hpcseg.server.auth`, except `
 ``GET /info/``                     MONAI Label's app info (models, labels) + ``failed``, ``loading``, ``hpcseg``
 ``GET /auth/``, ``POST /auth/token``, ``GET /auth/token/valid``   MONAI Label's auth handshake
 ``GET /health/live``               the process answers
-``GET /health/ready``              200 when every loadable model is loaded and warm, else 503; per-model state
+``GET /health/ready``              200 once a model is loaded and warm (others may still load: ``loading``), else
+                                   503; per-model state (pending, loading, ready, failed)
 ``PUT /session/``                  upload an image once (multipart ``files``); -> ``session_id``, expiry
 ``GET|DELETE /session/{id}``       read (counters, geometry) or drop a session; unknown 404, expired 410
 ``POST /infer/{model}``            MONAI Label's infer: multipart ``params`` (JSON) + ``file`` or ``?session_id=``;
@@ -154,11 +155,11 @@ def _add_routes(app: FastAPI, rt: Runtime) -> None:
         return {"status": "alive", "uptime": round(time.time() - rt.started, 1), "version": __version__,
                 "protocol": PROTOCOL_VERSION}
 
-    @app.get("/health/ready", summary="200 when every loadable model is loaded and warm, else 503")
+    @app.get("/health/ready", summary="200 once a model is loaded and warm (others may still load), else 503")
     async def ready() -> JSONResponse:
         body = {"ready": registry.ready(), "state": registry.state(), "version": __version__,
                 "protocol": PROTOCOL_VERSION,
-                "models": {e.name: e.status() for e in registry.entries()}}
+                "loading": registry.loading, "models": {e.name: e.status() for e in registry.entries()}}
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/info/", summary="MONAI Label's app info, plus failed/loading models and hpcseg's extras")
@@ -286,7 +287,7 @@ def _add_routes(app: FastAPI, rt: Runtime) -> None:
                           params: str, file: UploadFile | None, label: UploadFile | None, key: str,
                           abandon: guard.Abandon) -> Response:
         p = _params(params)
-        served = _model(rt, model)
+        served = await _model_when_loaded(rt, model)
         mdl, version = served
         session = None
         if session_id:
@@ -455,7 +456,28 @@ def _model(rt: Runtime, name: str) -> tuple[Any, str | None]:
         raise HTTPException(404, f"model {name!r} is not served here (available: {available})")
     if entry.state == "failed":
         raise HTTPException(503, f"model {name!r} failed to load: {entry.error}")
-    raise HTTPException(503, f"model {name!r} is still loading", headers={"Retry-After": "5"})
+    raise HTTPException(503, f"model {name!r} is still loading after {rt.settings.model_wait:.0f} s: try again in a "
+                             "minute (GET /info/ shows each model's state)", headers={"Retry-After": "30"})
+
+
+async def _model_when_loaded(rt: Runtime, name: str) -> tuple[Any, str | None]:
+    """:func:`_model`, but a model still loading is waited for (up to ``settings.model_wait`` seconds) first.
+
+    The server answers as soon as its first model is ready; a request for one of the others then succeeds once
+    that one is loaded instead of failing with "still loading".
+    """
+    entry = rt.registry.entry(name)
+    if entry is not None and entry.model is None and entry.state in ("pending", "loading"):
+        deadline = time.monotonic() + rt.settings.model_wait
+        log.info("model %s is still loading: the request waits for it (up to %.0f s)", name, rt.settings.model_wait)
+        while time.monotonic() < deadline and not rt.shutting_down.is_set():
+            entry = rt.registry.entry(name)
+            if entry is None or entry.model is not None or entry.state == "failed":
+                break
+            await asyncio.sleep(0.1)
+        if rt.shutting_down.is_set():
+            raise ShuttingDown()
+    return _model(rt, name)
 
 
 def _session(rt: Runtime, session_id: str, *, touch: bool = True) -> Session:

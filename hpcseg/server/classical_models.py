@@ -50,6 +50,8 @@ BODY_HU, AIR_HU, BONE_HU = -500.0, -400.0, 250.0
 class CTBodyModel(Model):
     """Threshold + morphology segmentation of body, lungs and bone (see the module docstring)."""
 
+    cpu_only = True
+
     def load(self, device: str) -> None:
         self.device = "cpu"  # scipy: the CPU whatever the server's device
 

@@ -58,6 +58,8 @@ def parse_points(params: dict, key: str, image: sitk.Image, required: bool = Fal
 
 
 class _Interactive(Model):
+    cpu_only = True  # ITK and scipy: the server's device does not matter, and "auto" need not import torch
+
     def load(self, device: str) -> None:
         self.device = "cpu"  # ITK and scipy on the CPU
 

@@ -178,6 +178,10 @@ class Model(ABC):
                 return sitk.Cast(image > 300, sitk.sitkUInt8)
     """
 
+    #: True for a model that runs on the CPU whatever the server's device: its loader then passes "cpu" instead of
+    #: resolving "auto" (which imports torch, seconds of a server's start that a classical model does not need).
+    cpu_only: ClassVar[bool] = False
+
     def __init__(self, manifest: ModelManifest, folder: Path) -> None:
         self.manifest = manifest
         self.folder = Path(folder)

@@ -99,7 +99,7 @@ def load_model(folder: Path, device: str = "auto") -> Model:
     cls = model_class(manifest, folder)
     model = cls(manifest, folder)
     try:
-        model.load(resolve_device(device))
+        model.load("cpu" if cls.cpu_only else resolve_device(device))
     except HpcsegError:
         raise
     except Exception as exc:  # a broken weight file, a missing package, CUDA errors: one error for the registry

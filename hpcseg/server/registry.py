@@ -8,8 +8,12 @@ Each models directory holds one folder per model name; a folder is served when i
 - a MONAI bundle: ``<dir>/<name>/configs/`` with ``metadata.json`` or ``inference.json|yaml`` (the model code
   decides whether it can serve it, and says why not).
 
-Loading runs in one background thread (models share one GPU; loading them one by one keeps peak memory low) and
-ends with a warm-up, so "ready" means the first request is fast. A model that fails to load is reported (state
+Loading runs in one background thread (models share one GPU; loading them one by one keeps peak memory low), each
+model ending with a warm-up. The server answers as soon as the first model is ready (:meth:`ModelRegistry.ready`):
+models that need no torch (a ``"loader"`` in the manifest: ct-body, the interactive ones) are loaded first, so a
+server answers within a second or two while networks load behind it; a request for a model still loading waits
+for it (:meth:`ModelRegistry.wait_for`, bounded). ``/info/`` shows each model's state (pending, loading, ready,
+failed). A model that fails to load is reported (state
 ``failed`` with the reason, in ``/info/`` and the log) while the others serve. On reload a changed model is loaded
 beside the old one and swapped in when warm; if that fails, the old version keeps serving and the reason is kept.
 
@@ -23,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -153,6 +158,7 @@ class ModelRegistry:
         self.loader: Loader = loader or default_loader
         self.warmup = warmup
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified when an entry's state changes
         self._reload_lock = threading.Lock()
         self._entries: dict[str, ModelEntry] = {}
         self._idle = threading.Event()
@@ -189,18 +195,30 @@ class ModelRegistry:
         return not self._idle.is_set()
 
     def ready(self) -> bool:
-        """Every loadable model is loaded and warm, and at least one serves."""
+        """At least one model is loaded and warm (others may still be loading: see :attr:`loading`)."""
         with self._lock:
-            entries = list(self._entries.values())
-        if self.loading or not entries:
-            return False
-        return any(e.model is not None for e in entries)
+            return any(e.model is not None for e in self._entries.values())
 
     def state(self) -> str:
-        """``loading``, ``ready`` or ``failed`` (loading ended and nothing serves)."""
-        if self.loading:
-            return "loading"
-        return "ready" if self.ready() else "failed"
+        """``ready`` (a model serves), ``loading`` (none yet) or ``failed`` (loading ended and nothing serves)."""
+        if self.ready():
+            return "ready"
+        return "loading" if self.loading else "failed"
+
+    def wait_for(self, name: str, timeout: float) -> ModelEntry | None:
+        """Block until ``name`` is ready or failed (or ``timeout`` passed); its entry then, None when unknown."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                e = self._entries.get(name)
+                if e is None or e.model is not None or e.state == "failed":
+                    return e
+                if e.state not in ("pending", "loading") and not self.loading:
+                    return e
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return e
+                self._changed.wait(min(left, 0.5))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until no load is running; True unless the timeout passed."""
@@ -234,6 +252,8 @@ class ModelRegistry:
         finally:
             self.generation += 1
             self._idle.set()
+            with self._changed:
+                self._changed.notify_all()
 
     def _reload_locked(self) -> None:
         self._changes = {}
@@ -267,7 +287,7 @@ class ModelRegistry:
                     todo.append(c)
         if not candidates:
             log.error("no model folder found under %s", ", ".join(str(d) for d in self.dirs))
-        for c in todo:
+        for c in sorted(todo, key=_load_cost):  # stable: discovery order within a cost class
             self._load_one(c)
 
     def _load_one(self, cand: Candidate) -> None:
@@ -295,6 +315,7 @@ class ModelRegistry:
                 else:
                     entry.error = f"reload failed, still serving version {entry.version}: {reason}"
                     log.error("model %s: %s", cand.name, entry.error)
+                self._changed.notify_all()
                 self._changes[cand.name] = f"failed: {entry.error}"
             return
         version = _version_of(model)
@@ -303,6 +324,7 @@ class ModelRegistry:
             entry.model, entry.version, entry.folder = model, version, cand.folder
             entry.state, entry.error = "ready", None
             entry.load_seconds, entry.signature = t2 - t0, cand.signature()
+            self._changed.notify_all()
         what = f"reloaded (was {old})" if old else "loaded"
         self._changes[cand.name] = f"reloaded {version} (was {old})" if old else f"loaded {version}"
         log.info("model %s version %s %s from %s in %.2f s (load %.2f s, warm-up %.2f s)",
@@ -312,6 +334,19 @@ class ModelRegistry:
         """Drop every model reference (the GPU memory goes with them)."""
         with self._lock:
             self._entries.clear()
+
+
+def _load_cost(cand: Candidate) -> int:
+    """0 for a model whose manifest names a ``"loader"`` (hpcseg's classical and interactive models: no torch, a
+    second to load), 1 for the rest (networks and bundles: torch and weights); cheap ones load first so the server
+    answers early."""
+    if cand.folder is None:
+        return 1
+    try:
+        data = json.loads((cand.folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 1
+    return 0 if isinstance(data, dict) and data.get("loader") else 1
 
 
 def _version_of(model: Any) -> str:

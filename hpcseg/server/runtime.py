@@ -37,6 +37,7 @@ class ServerSettings:
     on what a client may hold (``max_body``, ``body_grace``, ``min_body_rate``, ``max_connections``,
     ``max_unauthenticated``, ``header_timeout``) and ``retry_grace`` are explained in :mod:`hpcseg.server.guard`.
     ``max_body``'s default, 2 GiB, is above any sane input: a 512x512x2000 float32 volume uncompressed.
+    ``model_wait``: how long a request for a model that is still loading waits for it before a 503.
     """
 
     models_dirs: list[Path]
@@ -48,6 +49,7 @@ class ServerSettings:
     workers: int = 1
     io_workers: int = 4
     grace: float = 10.0
+    model_wait: float = 300.0
     name: str = "hpcseg"
     allow_path_token: bool = True
     warmup: bool = True

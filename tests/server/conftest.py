@@ -100,8 +100,10 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(workdir: Path, models_dir: Path, *args: str, timeout: float = 60) -> ServerProcess:
-    """Start the real server on 127.0.0.1, port 0, and wait for its connection file."""
+def start_server(workdir: Path, models_dir: Path, *args: str, timeout: float = 60,
+                 all_models: bool = True) -> ServerProcess:
+    """Start the real server on 127.0.0.1, port 0, and wait for its connection file (written when the first model
+    is ready) and, with ``all_models``, until every model has loaded or failed."""
     workdir.mkdir(parents=True, exist_ok=True)
     conn, log, err = workdir / "connection.json", workdir / "server.log", workdir / "stderr.txt"
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
@@ -120,7 +122,14 @@ def start_server(workdir: Path, models_dir: Path, *args: str, timeout: float = 6
             proc.kill()
             raise RuntimeError(f"server not ready after {timeout} s:\n{err.read_text()}")
         time.sleep(0.05)
-    return ServerProcess(proc, conn, log, err, json.loads(conn.read_text()))
+    srv = ServerProcess(proc, conn, log, err, json.loads(conn.read_text()))
+    if all_models:
+        with srv.client() as c:
+            c.wait_ready(timeout=max(1.0, deadline - time.monotonic()), poll=0.1, all_models=True)
+        while srv.info.get("loading") and time.monotonic() < deadline:  # written again once all have loaded
+            time.sleep(0.05)
+            srv.info = json.loads(conn.read_text())
+    return srv
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +148,9 @@ def client(server):
 
 
 @contextlib.contextmanager
-def running(workdir: Path, models_dir: Path, *args: str):
+def running(workdir: Path, models_dir: Path, *args: str, all_models: bool = True):
     """A server for one test, always stopped."""
-    srv = start_server(workdir, models_dir, *args)
+    srv = start_server(workdir, models_dir, *args, all_models=all_models)
     try:
         yield srv
     finally:

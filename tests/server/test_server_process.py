@@ -206,6 +206,39 @@ def test_no_loadable_model_exits_3_without_a_connection_file(tmp_path):
     assert "no model could be loaded" in res.stderr and "corrupt" in res.stderr
 
 
+def test_the_server_answers_once_its_first_model_is_ready_and_a_request_waits_for_one_still_loading(tmp_path,
+                                                                                                      phantom):
+    models = tmp_path / "models"
+    write_model(models, "fast")
+    write_model(models, "slow", extra={"load_seconds": 6})  # loads after "fast" (discovery order)
+    with running(tmp_path / "run", models, all_models=False) as srv:
+        assert srv.info["models"] == ["fast"] and srv.info["loading"] == ["slow"]
+        with srv.client() as c:
+            info = c.info()
+            assert info["hpcseg"]["models"]["slow"]["state"] in ("pending", "loading") and info["loading"] == ["slow"]
+            assert info["hpcseg"]["models"]["fast"]["state"] == "ready" and "fast" in info["models"]
+            assert c.health()["ready"] is True and c.health()["loading"] is True
+            t0 = time.monotonic()
+            mask, names, version = c.segment(phantom, "slow")  # waits for the load instead of failing
+            assert version == "1.0" and names == {"body": 1, "bone": 2} and time.monotonic() - t0 > 1
+            assert c.info()["hpcseg"]["models"]["slow"]["state"] == "ready"
+        deadline = time.monotonic() + 10
+        while json.loads(srv.conn_file.read_text())["loading"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        final = json.loads(srv.conn_file.read_text())
+        assert sorted(final["models"]) == ["fast", "slow"] and final["loading"] == []
+        assert "still loading slow" in srv.logs() and "all models loaded" in srv.logs()
+
+
+def test_a_request_for_a_model_still_loading_gives_up_after_model_wait(tmp_path, phantom):
+    models = tmp_path / "models"
+    write_model(models, "fast")
+    write_model(models, "slow", extra={"load_seconds": 30})
+    with running(tmp_path / "run", models, "--model-wait", "1", all_models=False) as srv, srv.client() as c:
+        with pytest.raises(ServerError, match="still loading after 1 s"):
+            c.segment(phantom, "slow")
+
+
 def test_standard_models_helper_is_complete(tmp_path):
     root = standard_models(tmp_path / "m")
     assert sorted(p.name for p in root.iterdir()) == ["broken", "fam", "garbage", "grow", "thr"]

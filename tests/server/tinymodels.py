@@ -31,6 +31,7 @@ class Threshold(Model):
         self.device = device
         if self.manifest.extra.get("fail_load"):
             raise RuntimeError("weights file is corrupt (on purpose)")
+        time.sleep(float(self.manifest.extra.get("load_seconds", 0)))  # a big network's load, in the small
 
     def infer(self, image: sitk.Image, params: dict) -> sitk.Image:
         cls = type(self)

@@ -208,8 +208,12 @@ class ServerClient:
         ``configured``, else ct-body for CT-like input, else one that declares the input's modality)."""
         from .modelchoice import choose_model
 
-        models = self.info(refresh=self._info is None).get("models", {})
-        return choose_model(models, image, configured, kind=kind)
+        info = self.info(refresh=self._info is None)
+        if info.get("loading") and configured not in info.get("models", {}):
+            # the server answers once its first model is ready: choose among all of them, not the first ones
+            self.wait_ready(timeout=self.timeouts.infer, poll=0.5, all_models=True)
+            info = self.info()
+        return choose_model(info.get("models", {}), image, configured, kind=kind)
 
     def reload(self, wait: bool = True) -> dict[str, Any]:
         """Ask the server to re-read its models directories (a new fine-tuned version); returns ``/info/``."""

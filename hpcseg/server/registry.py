@@ -164,6 +164,7 @@ class ModelRegistry:
         self._idle = threading.Event()
         self._idle.set()
         self._thread: threading.Thread | None = None
+        self._again = False  # a reload was asked for: the loader thread makes (another) pass
         self.generation = 0
         #: what the last (re)load did, per model name: "loaded 1.0", "reloaded 1.1 (was 1.0)", "failed: why",
         #: "removed"; models it left alone are absent (``hpcseg reload`` prints it)
@@ -230,9 +231,14 @@ class ModelRegistry:
         return self.reload(background=True)
 
     def reload(self, *, background: bool = False) -> threading.Thread:
-        """Rediscover; load new or changed models, drop vanished ones. Joins a reload already running."""
+        """Rediscover; load new or changed models, drop vanished ones.
+
+        While a load is running (the server's start loads its networks in the background), the request is queued:
+        the running thread makes one more pass when it is done, so files changed meanwhile are seen.
+        """
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
+            self._again = True
+            if self._thread is not None:
                 thread = self._thread
             else:
                 self._idle.clear()
@@ -244,16 +250,20 @@ class ModelRegistry:
         return thread
 
     def _reload(self) -> None:
-        try:
-            with self._reload_lock:
-                self._reload_locked()
-        except Exception:  # never leave the registry "loading" forever
-            log.exception("model discovery failed")
-        finally:
-            self.generation += 1
-            self._idle.set()
-            with self._changed:
-                self._changed.notify_all()
+        while True:
+            with self._lock:
+                if not self._again:  # done: a reload() from now on starts a new thread
+                    self._thread = None
+                    self.generation += 1
+                    self._idle.set()
+                    self._changed.notify_all()
+                    return
+                self._again = False
+            try:
+                with self._reload_lock:
+                    self._reload_locked()
+            except Exception:  # never leave the registry "loading" forever
+                log.exception("model discovery failed")
 
     def _reload_locked(self) -> None:
         self._changes = {}

@@ -276,9 +276,10 @@ class ServerConnection:
             self.url = self._tunnel.url
         self.client = ServerClient(self.url, self.info.token,
                                    diagnose=self._tunnel.cause if self._tunnel is not None else None)
-        if self._progress:
-            self._progress("loading models")
-        self.client.wait_ready(timeout=ready_timeout)
+        # "loading models" only while it is true: a reused server answers at once and says nothing here
+        self.client.wait_ready(timeout=ready_timeout,
+                               progress=(lambda state: self._progress(f"loading models ({state})"))
+                               if self._progress else None)
         if self._progress:
             self._progress(f"ready: job {self.record.job_id} at {self.url}")
 

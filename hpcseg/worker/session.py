@@ -175,6 +175,17 @@ class SegmentationSession:
         if self._stop_requested:  # Stop came just as the server became ready: it is being cancelled
             self._forget_connection()
             raise Cancelled("stopped while connecting")
+        # the server answers once its first model is ready; the module's model lists want every model
+        waited: list[str] = []
+
+        def loading(state: str) -> None:
+            waited.append(state)
+            if self._progress:
+                self._progress(f"loading the other models ({state})")
+
+        self.client.wait_ready(timeout=self.timeout or 600, poll=0.5, all_models=True, progress=loading)
+        if waited and self._progress:
+            self._progress("ready: every model loaded")
         return self.refresh_models()
 
     def refresh_models(self) -> dict[str, Any]:

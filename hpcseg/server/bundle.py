@@ -41,16 +41,12 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import math
 import re
-import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +54,8 @@ import SimpleITK as sitk
 import torch
 
 from hpcseg.errors import ModelLoadError
+from hpcseg.server.foldercode import folder_imports as bundle_imports
+from hpcseg.server.foldercode import local_modules as _local_modules
 from hpcseg.server.modelbase import ModelManifest
 from hpcseg.server.network_models import TorchModel, build_network, is_torchscript, load_state_dict, load_torchscript
 
@@ -73,7 +71,6 @@ _POST_OK = {"Activations", "AsDiscrete", "Invert", "SaveImage", "EnsureType", "T
 _REMOVED_ARGS = {"SwinUNETR": ("img_size",)}
 _SW_MODES = {"constant", "gaussian"}
 _PAD_MODES = {"constant", "reflect", "replicate", "circular"}
-_import_lock = threading.Lock()
 
 
 def inference_config(folder: Path) -> Path:
@@ -285,41 +282,6 @@ def manifest_from_bundle(folder: Path) -> ModelManifest:
 
 
 # ------------------------------------------------------------------------------------------- building the network
-def _local_modules(folder: Path) -> set[str]:
-    """Top-level modules the bundle ships (``scripts`` and any other package or .py beside ``configs/``)."""
-    names = {"scripts"}
-    for p in folder.iterdir():
-        if (p.is_dir() and (p / "__init__.py").is_file()) or p.suffix == ".py":
-            names.add(p.stem)
-    return names
-
-
-@contextlib.contextmanager
-def bundle_imports(folder: Path) -> Iterator[None]:
-    """The bundle's own code importable (``scripts.networks...``), kept apart from other bundles' same-named code.
-
-    MONAI's runner finds ``scripts`` because it runs from the bundle root; here the folder goes first on
-    ``sys.path`` while the network is built, and the modules it imported leave ``sys.modules`` afterwards (objects
-    built from them keep their classes), so the next bundle's ``scripts`` is its own.
-    """
-    names = _local_modules(folder)
-
-    def ours(mod: str) -> bool:
-        return mod.split(".", 1)[0] in names
-
-    with _import_lock:
-        saved = {k: sys.modules.pop(k) for k in [k for k in sys.modules if ours(k)]}
-        sys.path.insert(0, str(folder))
-        try:
-            yield
-        finally:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(str(folder))
-            for k in [k for k in sys.modules if ours(k)]:
-                del sys.modules[k]
-            sys.modules.update(saved)
-
-
 def _root_cause(exc: BaseException) -> BaseException:
     """The innermost cause of ``exc`` (MONAI wraps the real error in 'Failed to instantiate component ...')."""
     seen = set()

@@ -28,11 +28,11 @@ Example::
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 
 from hpcseg.errors import HpcsegError, ModelLoadError
+from hpcseg.server.foldercode import import_attr
 from hpcseg.server.modelbase import (  # noqa: F401  (re-exported: the model interface's public names)
     MANIFEST_NAME,
     MODEL_TYPES,
@@ -51,7 +51,7 @@ def model_class(manifest: ModelManifest, folder: Path) -> type[Model]:
     if manifest.loader:
         module, _, name = manifest.loader.partition(":")
         try:
-            cls = getattr(importlib.import_module(module), name)
+            cls = import_attr(manifest.loader, folder)  # the folder's own module:Class first (foldercode.py)
         except (ImportError, AttributeError) as exc:
             raise ModelLoadError(f"{folder}: loader {manifest.loader!r} cannot be imported ({exc})") from exc
         if not (isinstance(cls, type) and issubclass(cls, Model)):

@@ -30,6 +30,7 @@ import SimpleITK as sitk
 import torch
 
 from hpcseg.errors import ModelLoadError
+from hpcseg.server.foldercode import folder_imports, import_attr
 from hpcseg.server.inference import segment
 from hpcseg.server.modelbase import Model, bad_request, resolve_device
 
@@ -48,10 +49,14 @@ def is_torchscript(path: Path) -> bool:
         return False
 
 
-def build_network(spec: dict) -> torch.nn.Module:
-    """A network from ``{"name": ..., "args": {...}}`` (see the module docstring)."""
+def build_network(spec: dict, folder: Path | None = None) -> torch.nn.Module:
+    """A network from ``{"name": ..., "args": {...}}`` (see the module docstring). A ``module:Class`` name is
+    imported from the model ``folder`` when it ships ``module`` (``folder/module.py``), else from the environment."""
     name, args = spec["name"], dict(spec.get("args") or {})
     if ":" in name:
+        if folder is not None:
+            with folder_imports(folder):  # built inside, so the network's own imports find the folder's code
+                return import_attr(name, folder)(**args)
         module, _, cls_name = name.partition(":")
         cls = getattr(importlib.import_module(module), cls_name)
     else:
@@ -133,7 +138,7 @@ class NetworkModel(TorchModel):
     def build(self, device: str) -> torch.nn.Module:
         path = self.weights_path()
         try:
-            net = build_network(self.manifest.network or {})
+            net = build_network(self.manifest.network or {}, self.folder)
         except ModelLoadError:
             raise
         except Exception as exc:

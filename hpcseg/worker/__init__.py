@@ -18,6 +18,8 @@ Requests (client → worker)::
     upload      volume, labels_path, names {name: value}, dataset, split    case_id, status, split, bytes_sent
     poll        -                                                       text, severity, ready, job_id, delay
     stop        -                                                       job_ids (cancelled)
+    presets     -                                                       presets [{name, description, refusal}]
+    doctor      -                                                       checks [{item, ok, detail, fix}]
     close       -                                                       - (tunnel and image session dropped)
     quit        -                                                       (no result: the worker says "bye", exits)
 

@@ -189,6 +189,23 @@ class Worker:
     def op_stop(self, call_id: int, args: dict[str, Any]) -> dict[str, Any]:
         return {"job_ids": self.session.stop()}
 
+    def op_presets(self, call_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        """The site bundle's presets for the profile as saved now, each with the refusal ``submit`` would give."""
+        from ..site import presets_for
+
+        cfg = load_config()
+        prof = cfg.profile(self.profile_name)
+        return {"presets": presets_for(prof, shell=self.session.jobs.shell, user_keys=cfg.explicit.get(prof.name))}
+
+    def op_doctor(self, call_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        """``hpcseg doctor`` for the profile as saved now: one item per check (item, ok, detail, fix)."""
+        from ..doctor import as_json, diagnose
+
+        cfg = load_config()
+        prof = cfg.profile(self.profile_name)
+        return {"checks": as_json(diagnose(prof, shell=self.session.jobs.shell,
+                                           user_keys=cfg.explicit.get(prof.name)))}
+
     def op_close(self, call_id: int, args: dict[str, Any]) -> dict[str, Any]:
         self.session.close()
         return {}

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -105,3 +106,75 @@ def test_readme_and_cmakelists_state_the_same_minimum_slicer():
     cmake = (MODULE_DIR.parent / "CMakeLists.txt").read_text()
     assert f"Slicer {need} or newer" in readme and f"Slicer {need} or newer" in cmake
     assert "5.8 or newer" not in readme + cmake
+
+
+SITE = """
+[site]
+name = "Test site"
+contact = "hpc-help@example.org"
+default_preset = "gpu"
+
+[presets.gpu]
+description = "one GPU"
+gpus = 1
+
+[presets.cpu]
+description = "no GPU"
+gpus = 0
+
+[limits]
+max_gpus = 0
+"""
+
+
+def test_site_presets_come_from_a_worker_without_blocking_the_page(isolated, monkeypatch):
+    from HPCSegLib.settingspage import SettingsPageLogic
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    bundle = isolated / "site"
+    bundle.mkdir()
+    (bundle / "site.toml").write_text(SITE)
+    cfg = isolated / "cfg" / "config.toml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text(f'default = "me"\n[profiles.me]\nsite = "{bundle}"\n')
+    logic = SettingsPageLogic(worker_python=sys.executable)
+    assert logic.refresh().current == "me"
+    asking = logic.request_presets("me")
+    assert logic.busy and asking.message.startswith("asking the site of me")
+    state = None
+    for _ in range(3000):  # the panel's timer
+        state = logic.pump()
+        if state is not None:
+            break
+        time.sleep(0.02)
+    assert state is not None and not logic.busy and not state.error, state
+    by = {r["name"]: r for r in state.presets}
+    assert set(by) == {"gpu", "cpu"} and by["gpu"]["default"] and by["cpu"]["refusal"] is None
+    assert "max_gpus" in by["gpu"]["refusal"]  # the sentence submit would give, shown before anyone submits
+    assert state.message == "2 site preset(s), 1 refused with this profile"
+    picked = logic.pick_preset("cpu")
+    assert picked.values["preset"] == "cpu"
+    saved = logic.save("me", picked.values)
+    assert not saved.error, saved.message
+    assert 'preset = "cpu"' in cfg.read_text()
+
+
+def test_test_connection_runs_hpcseg_doctor_in_a_worker(isolated, tmp_path, monkeypatch):
+    from HPCSegLib.settingspage import SettingsPageLogic
+
+    from .test_settings_site import _site
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    cfg = isolated / "cfg" / "config.toml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text(f'default = "me"\n[profiles.me]\nsite = "{_site(tmp_path, max_gpus=1)}"\n')
+    logic = SettingsPageLogic(worker_python=sys.executable)
+    logic.refresh()
+    assert logic.request_test("me").message.startswith("testing profile me")
+    state = None
+    for _ in range(3000):
+        if (state := logic.pump()) is not None:
+            break
+        time.sleep(0.02)
+    assert state is not None and state.message == "all ok" and not state.error, state.checks
+    assert {"site bundle", "server protocol", "work dir private"} <= {c["item"] for c in state.checks}

@@ -4,7 +4,8 @@ A ``ctkSettingsPanel`` as ExtensionWizard's SettingsPanel is, added to the setti
 and held by the module object. Two Slicer settings (``registerProperty``, kept in Slicer's settings file): where
 pip installs hpcseg from, and the worker's Python. The profile fields are hpcseg's own config file, through the
 page logic. The page redraws itself whenever it is shown (an event filter, as SampleData uses one) and when the
-module has just installed hpcseg, so it enables itself without a restart.
+module has just installed hpcseg, so it enables itself without a restart. Site presets and Test connection go
+through a short-lived worker (the page's timer pumps it), never blocking Slicer on SSH.
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ class HPCSegSettingsPanel(ctk.ctkSettingsPanel):
         row.addWidget(self.profileBox, 1)
         row.addWidget(self.loadButton)
         layout.addRow("Profile:", row)
+        self.presetBox = qt.QComboBox()
+        self.presetBox.toolTip = "The site's presets (from its hpcseg site bundle on the cluster)"
+        self.presetBox.connect("activated(int)", self.onPresetPicked)
+        self.presetButton = qt.QPushButton("Ask the site")
+        self.presetButton.toolTip = "Read the site bundle's presets over this profile's SSH connection"
+        self.presetButton.connect("clicked(bool)", self.onAskPresets)
+        presetRow = qt.QHBoxLayout()
+        presetRow.addWidget(self.presetBox, 1)
+        presetRow.addWidget(self.presetButton)
+        layout.addRow("Site preset:", presetRow)
+        self.presetTimer = qt.QTimer()
+        self.presetTimer.setInterval(50)
+        self.presetTimer.connect("timeout()", self.onPresetTick)
         self.fields = qt.QGroupBox("Profile (saved in hpcseg's config file, shared with the hpcseg command)")
         self.fieldsLayout = qt.QFormLayout(self.fields)
         layout.addRow(self.fields)
@@ -65,6 +79,10 @@ class HPCSegSettingsPanel(ctk.ctkSettingsPanel):
         self.saveButton = qt.QPushButton("Save profile")
         self.saveButton.connect("clicked(bool)", self.onSave)
         layout.addRow(self.defaultCheck, self.saveButton)
+        self.testButton = qt.QPushButton("Test connection")
+        self.testButton.toolTip = "hpcseg doctor for this profile (as saved): one line per check, or what to fix"
+        self.testButton.connect("clicked(bool)", self.onTest)
+        layout.addRow(self.testButton)
         self.message = qt.QLabel()
         self.message.wordWrap = True
         layout.addRow(self.message)
@@ -83,6 +101,27 @@ class HPCSegSettingsPanel(ctk.ctkSettingsPanel):
     def onSave(self, *args):
         values = {key: (e.currentText if isinstance(e, qt.QComboBox) else e.text) for key, e in self.editors.items()}
         self.draw(self.logic.save(self.profileBox.currentText, values, self.defaultCheck.checked))
+
+    def onAskPresets(self, *args):
+        self.logic.worker_python = qt.QSettings().value(SETTINGS_PYTHON, "") or None
+        self.draw(self.logic.request_presets(self.profileBox.currentText))
+        if self.logic.busy:
+            self.presetTimer.start()
+
+    def onTest(self, *args):
+        self.logic.worker_python = qt.QSettings().value(SETTINGS_PYTHON, "") or None
+        self.draw(self.logic.request_test(self.profileBox.currentText))
+        if self.logic.busy:
+            self.presetTimer.start()
+
+    def onPresetTick(self):
+        state = self.logic.pump()
+        if state is not None:
+            self.presetTimer.stop()
+            self.draw(state)
+
+    def onPresetPicked(self, index):
+        self.draw(self.logic.pick_preset(self.presetBox.itemData(index) or ""))
 
     def draw(self, state):
         for f in state.fields:
@@ -107,7 +146,17 @@ class HPCSegSettingsPanel(ctk.ctkSettingsPanel):
             self.profileBox.addItems(state.profiles)
             self.profileBox.blockSignals(False)
             self.profileBox.setEditText(state.current)
-        for w in (self.fields, self.profileBox, self.loadButton, self.saveButton, self.defaultCheck):
+        self.presetBox.clear()
+        self.presetBox.addItem("(none)", "")
+        for row in state.presets:
+            label = row["name"] + (f": {row['description']}" if row.get("description") else "")
+            self.presetBox.addItem(label + (" (refused)" if row.get("refusal") else ""), row["name"])
+        self.presetBox.currentIndex = max(0, self.presetBox.findData(state.values.get("preset", "")))
+        for w in (self.fields, self.profileBox, self.loadButton, self.saveButton, self.defaultCheck,
+                  self.presetBox):
             w.enabled = state.enabled
+        self.presetButton.enabled = self.testButton.enabled = state.enabled and not self.logic.busy
         self.message.text = state.message
+        self.message.toolTip = "\n".join(f"{'ok ' if c['ok'] else 'FIX'}  {c['item']}: {c['detail']}"
+                                         for c in state.checks)
         self.message.setStyleSheet("color: #c62828" if state.error else "")

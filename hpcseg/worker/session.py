@@ -116,6 +116,7 @@ class SegmentationSession:
     def __init__(self, profile: Profile, *, progress: Callable[[str], None] | None = None,
                  jobs: JobManager | None = None, timeout: float | None = 1800) -> None:
         self.profile = profile
+        self._layered = jobs is not None  # jobs given: the caller made the profile what it should be
         self.jobs = jobs or JobManager(profile)
         self._progress = progress
         self.timeout = timeout
@@ -154,11 +155,30 @@ class SegmentationSession:
     def job_id(self) -> str:
         return self._conn.record.job_id if self.connected and self._conn.record else ""
 
+    def _layer_site(self) -> None:
+        """Once, at the first connect: the cluster's site bundle layered in as the ``hpcseg`` command does
+        (:func:`hpcseg.site.resolve`), so a profile holding only a host works here too."""
+        if self._layered or not self.profile.host or self.profile.site == "none":
+            return
+        from ..config import load_config
+        from ..site import resolve
+
+        res = resolve(self.profile, user_keys=load_config().explicit.get(self.profile.name))
+        with self._lock:
+            old = self.jobs
+            self.profile = res.profile
+            self.jobs = JobManager(res.profile, shell=res.shell, store=old.store, site=res.bundle,
+                                   origins=res.origins)
+            self._layered = True
+        if old._shell is not None and old._shell is not res.shell:
+            old._shell.close()
+
     def connect(self, start: bool = True) -> dict[str, Any]:
         """Find the profile's running server or start one, wait until ready, return its ``/info/``."""
         if self.connected:
             return self.refresh_models()
         self._stop_requested = False
+        self._layer_site()
         conn = ServerConnection(self.profile, jobs=self.jobs, start=start, timeout=self.timeout,
                                 progress=self._progress)
         try:

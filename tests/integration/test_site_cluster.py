@@ -376,3 +376,23 @@ def test_doctor_all_ok_then_each_fault_gives_exactly_its_own_line(cluster, shell
     assert r.exit_code == 0 and out["ok"], [i for i in out["items"] if not i["ok"]]
     r = cli("doctor")
     assert r.output.count("\n") >= 12 and "FIX" not in r.output
+
+
+def test_slicers_worker_session_with_a_host_only_profile_uses_the_site(cluster, shell, folder, user_config):
+    """The Slicer module's worker (hpcseg.worker) layers the site in at Connect, as the command does."""
+    from hpcseg.config import load_config
+    from hpcseg.worker.session import SegmentationSession
+
+    site = install(shell, folder, site_toml(cluster, "slurm", folder))
+    user_config(site)
+    session = SegmentationSession(load_config().profile("me"), timeout=600)
+    try:
+        info = session.connect()
+        assert "phantom-unet" in info["models"]
+        assert session.profile.scheduler == "slurm" and session.profile.preset == "gpu-small"
+        assert session.jobs.site is not None and session.jobs.site.location == site
+        assert len(queued_in(shell, "slurm", f"{folder}/work")) == 1
+    finally:
+        session.stop()
+        for jid in queued_in(shell, "slurm", f"{folder}/work"):
+            shell.run(["scancel", jid.split()[0]], timeout=30)

@@ -258,6 +258,7 @@ class Batch:
         """Carry the batch on from wherever it stands until every case has an end (``wait=False``: one step)."""
         if self.state["finished"] or self.state["cancelled"]:
             return self.summary()
+        self._remove_leftovers()
         if self.state["via"] == "server":
             from .batchlocal import run_through_server
 
@@ -269,6 +270,14 @@ class Batch:
                                   poll_seconds=poll_seconds)
         self.write_report()
         return self.summary()
+
+    def _remove_leftovers(self) -> None:
+        """Temp files of mask writes a killed client left (``.<case><ext>.*``, hidden): never a mask's name."""
+        ext = FORMATS[self.state["format"]]
+        for c in self.state["cases"]:
+            for tmp in self.out_dir.glob(f".{c['case_id']}{ext}.*"):
+                with contextlib.suppress(OSError):
+                    tmp.unlink() if tmp.is_file() else None
 
     def status(self) -> dict[str, Any]:
         """The summary with a fresh look at the cluster (task states, running cases); nothing is downloaded."""

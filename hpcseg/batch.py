@@ -272,12 +272,15 @@ class Batch:
         return self.summary()
 
     def _remove_leftovers(self) -> None:
-        """Temp files of mask writes a killed client left (``.<case><ext>.*``, hidden): never a mask's name."""
+        """Temp files a killed client left (hidden, never under a mask's or a report's name): of mask writes
+        (``.<case><ext>.*``) and of the report and state (``.report.csv.<pid>.tmp``)."""
         ext = FORMATS[self.state["format"]]
-        for c in self.state["cases"]:
-            for tmp in self.out_dir.glob(f".{c['case_id']}{ext}.*"):
-                with contextlib.suppress(OSError):
-                    tmp.unlink() if tmp.is_file() else None
+        patterns = [f".{c['case_id']}{ext}.*" for c in self.state["cases"]] + [".report.*.tmp"]
+        for folder, pats in ((self.out_dir, patterns), (self.out_dir / STATE, [".state.json.*.tmp"])):
+            for pattern in pats:
+                for tmp in folder.glob(pattern):
+                    with contextlib.suppress(OSError):
+                        tmp.unlink() if tmp.is_file() else None
 
     def status(self) -> dict[str, Any]:
         """The summary with a fresh look at the cluster (task states, running cases); nothing is downloaded."""

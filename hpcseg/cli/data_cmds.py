@@ -178,12 +178,17 @@ def train(ctx: Ctx, model: str, dataset: str, epochs: int | None, force: bool, t
         emit_json({"job_id": rec.job_id, "job_dir": rec.job_dir, "status": st.to_dict() if st else None})
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @json_option
 @pass_ctx
-def models(ctx: Ctx, as_json: bool) -> None:
+@click.pass_context
+def models(click_ctx: click.Context, ctx: Ctx, as_json: bool) -> None:
     """Models on the cluster (and built-in), their versions, and for each fine-tuned version the gate's per-label
-    Dice before/after (reference set and validation split) and why it was or was not promoted; * marks current."""
+    Dice before/after (reference set and validation split) and why it was or was not promoted; * marks current.
+
+    `hpcseg models check DIR` validates a model folder here before it goes to the cluster."""
+    if click_ctx.invoked_subcommand is not None:
+        return
     jm = ctx.jobs
     prof = ctx.profile
     activate = f". {shlex.quote(jm.abs_path(prof.venv))}/bin/activate && " if prof.venv else ""
@@ -239,3 +244,39 @@ def describe_reload(info: dict) -> str:
         return "\n".join(f"{name}: {what}" for name, what in changes.items())
     serving = ", ".join(f"{n} {m.get('version')}" for n, m in (info.get("models") or {}).items()) or "none"
     return f"nothing changed on disk; serving: {serving}"
+
+
+@models.command("check")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--image", type=click.Path(exists=True, path_type=Path), default=None,
+              help="An input to plan for and run on (default: a synthetic CT phantom).")
+@click.option("--no-run", is_flag=True, help="Validate and plan only; do not load and run the model.")
+@click.option("--device", default="cpu", show_default=True, help="Where to run it once: cpu, cuda, auto.")
+@json_option
+def models_check(folder: Path, image: Path | None, no_run: bool, device: str, as_json: bool) -> None:
+    """Validate a model FOLDER locally, print what the server will do to an input (orientation, resampling,
+    cropping, intensity, window, the axis order the network gets) and run it once.
+
+    \b
+    Example:
+      hpcseg models check ./my-brain-model --image t1.nii.gz
+    """
+    from .. import imaging
+    from ..server.modelcheck import check_model
+
+    img = imaging.as_volume(imaging.read_image(image), image) if image else None
+    report = check_model(folder, img, device=device, run=not no_run)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    click.echo(f"{report.name} {report.version} ({report.type}; labels "
+               f"{', '.join(f'{k} {v}' for k, v in report.labels.items())}) served by {report.served_by}: ok")
+    for step, what in report.plan:
+        click.echo(f"  {step + ':':<15} {what}")
+    for w in report.warnings:
+        click.secho(f"warning: {w}", fg="yellow", err=True)
+    if report.run:
+        r = report.run
+        found = ", ".join(f"{k} {v} voxels" for k, v in r["voxels"].items()) or "nothing (all background)"
+        click.echo(f"ran once on {r['device']} (load {r['load_seconds']} s, inference {r['infer_seconds']} s): "
+                   f"{found}; mask in the input's geometry: {'yes' if r['same_geometry'] else 'NO'}")

@@ -91,7 +91,6 @@ class _Reported:
         return False
 
 
-
 class HPCSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -211,6 +210,7 @@ class HPCSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.quitWorkers()
         if hasattr(self, "timer"):
             self.timer.stop()
+            slicer.app.disconnect("aboutToQuit()", self.quitWorkers)  # a reloaded widget is not kept alive
         self.removeObservers()
 
     def quitWorkers(self):
@@ -311,7 +311,9 @@ class HPCSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if (self.entered and worker is not None and worker.running and not worker.busy("poll")
                 and time.monotonic() >= self._nextPoll):
             self._nextPoll = time.monotonic() + 60  # until the answer sets the real delay
-            worker.call("poll", on_done=self._showStatus, on_error=self._pollFailed)
+            profile = self.profile
+            worker.call("poll", on_done=lambda status: profile == self.profile and self._showStatus(status),
+                        on_error=lambda exc: profile == self.profile and self._pollFailed(exc))
         if not busy and not self.entered:
             self.timer.stop()
 
@@ -334,17 +336,20 @@ class HPCSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return _Reported(self, what)
 
     def _loadProfiles(self):
+        """The profile list as the config file has it now; the lists and status stay if the profile does."""
         from HPCSegLib.profiles import profile_names
 
         with self._reported("Reading hpcseg's config file"):
             names, default = profile_names()
-            wanted = qt.QSettings().value(SETTINGS_PROFILE, default) or default
+            before = self.profile
+            wanted = before or qt.QSettings().value(SETTINGS_PROFILE, default) or default
             self.profileBox.blockSignals(True)
             self.profileBox.clear()
             self.profileBox.addItems(names)
             self.profileBox.currentIndex = names.index(wanted if wanted in names else default)
             self.profileBox.blockSignals(False)
-            self.onProfileChanged()
+            if self.profile != before:
+                self.onProfileChanged()
 
     def onProfileChanged(self, *args):
         qt.QSettings().setValue(SETTINGS_PROFILE, self.profile)

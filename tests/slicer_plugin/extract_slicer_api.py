@@ -124,6 +124,8 @@ def locate(repo: str, tag: str, name: str) -> str | None:
         found = (_grep(repo, tag, name, ("*.py",), fixed=True)
                  or _grep(repo, tag, rf"(Q_PROPERTY\(.*\b{re.escape(parts[2])}\b|\b{re.escape(parts[2])}\()",
                           APP_HEADERS))
+        if not found and parts[2] in ("connect", "disconnect"):  # PythonQt's on every QObject, by signal name
+            found = _grep(repo, tag, f'.{parts[2]}("', ("Base/Python/*.py",), fixed=True)
         if found:
             return found
     if parts[0] == "slicer" and len(parts) == 3 and parts[1][:1] in ("q", "v"):  # a wrapped class's member

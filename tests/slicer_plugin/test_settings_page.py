@@ -178,3 +178,18 @@ def test_test_connection_runs_hpcseg_doctor_in_a_worker(isolated, tmp_path, monk
         time.sleep(0.02)
     assert state is not None and state.message == "all ok" and not state.error, state.checks
     assert {"site bundle", "server protocol", "work dir private"} <= {c["item"] for c in state.checks}
+
+
+def test_an_old_slicer_can_import_the_module_to_read_its_refusal():
+    """Slicer 5.8 runs Python 3.9.10: what HPCSeg.py imports before its version check must parse there, or the
+    user would see a SyntaxError instead of "HPCSeg needs 3D Slicer 5.10 or newer"."""
+    import ast
+
+    early = ("__init__.py", "dependencies.py", "worker.py", "settingspage.py")
+    files = [MODULE_DIR / "HPCSeg.py", *sorted((MODULE_DIR / "HPCSegUI").glob("*.py")),
+             *(MODULE_DIR / "HPCSegLib" / n for n in early)]
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        ast.parse(text, str(f), feature_version=(3, 9))
+        for newer in ("strict=", "slots=", "kw_only=", "match "):  # 3.10 calls the grammar check does not see
+            assert newer not in text.replace("# match", ""), f"{f.name} uses {newer!r} (Python 3.10)"

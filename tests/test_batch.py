@@ -199,3 +199,21 @@ def test_cli_batch_on_the_local_default_goes_through_the_local_server(tmp_path: 
         assert (tmp_path / "out" / STATE / "state.json").exists()
     finally:
         cli("stop")
+
+
+def test_a_case_that_fails_twice_is_reported_with_the_workers_line(tmp_path: Path):
+    """The input of one case arrives broken on the cluster: round 0's only task fails it, round 1's task (another
+    task) fails it again; the report says why and where the log is. The other cases are done."""
+    make_cohort(tmp_path / "in", 2)
+    b = local_array_batch(tmp_path, [tmp_path / "in"], tasks=1)
+    key = next(c["key"] for c in b.state["cases"] if c["case_id"] == "ct00")
+    inputs = tmp_path / "work" / "batches" / "inputs"
+    inputs.mkdir(parents=True)
+    (inputs / f"{key}.hsv").write_bytes(b"HSV1" + b"\x00" * 64)  # "already uploaded", but not a volume
+    summary = b.run(poll_seconds=0.3)
+    assert (summary["done"], summary["failed"], len(summary["rounds"])) == (2, 1, 2), summary
+    row = next(c for c in b.state["cases"] if c["case_id"] == "ct00")
+    assert row["status"] == "failed" and "tried 2 times, last on task 1-0" in row["reason"], row
+    assert "tasks/1-0/worker.log" in row["reason"]
+    log = (tmp_path / "work" / "batches" / b.id / "tasks" / "1-0" / "worker.log").read_text()
+    assert row["reason"].split(" (tried")[0] in log

@@ -123,7 +123,9 @@ def main() -> None:
         assert out["done"] == args.cases, out
         state = json.loads((tmp / "batch" / ".hpcseg-batch" / "state.json").read_text())
         bdir = f"{batch_work}/batches/{state['batch_id']}"
-        started = [float(x) for x in remote(cluster, f"cat {bdir}/tasks/*/started").split()]
+        # the `started` files' mtimes (ns), not their content (`date +%s`: whole seconds)
+        started = [float(x) for x in remote(
+            cluster, f"find {bdir}/tasks -name started -printf '%T@\\n'").split()]
         results = [json.loads(line) for line in remote(
             cluster, f"for f in {bdir}/results/*.json; do cat \"$f\"; echo; done").splitlines() if line.strip()]
         submitted = state["rounds"][0]["submitted"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -225,11 +226,12 @@ class ServerClient:
     def segment(self, image: sitk.Image | str | Path, model: str, labels: Sequence[str] | None = None,
                 fast: bool = False, *, params: dict[str, Any] | None = None,
                 progress: Callable[[str, int, int], None] | None = None, upload_progress: Progress | None = None,
-                download_progress: Progress | None = None) -> InferResult:
+                download_progress: Progress | None = None, infer_progress: Progress | None = None) -> InferResult:
         """Segment a whole image; returns ``(mask, label_names, model_version)`` (an :class:`InferResult`).
 
         ``labels`` restricts the structures; ``fast`` trades accuracy for speed. ``progress(phase, done, total)``
-        with phase ``upload``/``download`` (or the two per-phase callbacks) follows the bytes. A 2D, 4D, RGB or
+        with phase ``upload``/``download`` (bytes) and ``infer`` (the server's windows or steps, polled from
+        ``GET /progress/{id}`` about once a second), or the three per-phase callbacks, follows it. A 2D, 4D, RGB or
         single-slice image raises :class:`~hpcseg.errors.ImageError` before anything is sent; NaN voxels are sent
         as the image's lowest value (and said so in ``.warnings``, with the server's QA warnings).
         """
@@ -241,8 +243,10 @@ class ServerClient:
         ctype = self._codec()
         data = imaging.encode(img, ctype)
         up, down = _phases(progress, upload_progress, download_progress)
+        if progress is not None and infer_progress is None:
+            infer_progress = lambda d, t: progress("infer", d, t)  # noqa: E731
         result = self._infer(model, p, file=(data, ctype), reference=img, upload_progress=up,
-                             download_progress=down)
+                             download_progress=down, infer_progress=infer_progress)
         if notes:
             result.params["warnings"] = notes + [w for w in result.warnings if w not in notes]
         return result
@@ -292,7 +296,8 @@ class ServerClient:
 
     def _infer(self, model: str, params: dict[str, Any], *, session_id: str | None = None,
                file: tuple[bytes, str] | None = None, reference: sitk.Image | None = None,
-               upload_progress: Progress | None = None, download_progress: Progress | None = None) -> InferResult:
+               upload_progress: Progress | None = None, download_progress: Progress | None = None,
+               infer_progress: Progress | None = None) -> InferResult:
         files = [("file", "image" + _suffix(file[1]), file[1], file[0])] if file else []
         chunks, content_type = _multipart({"params": json.dumps(params)}, files)
         query = {"output": "image", **({"session_id": session_id} if session_id else {})}
@@ -306,7 +311,14 @@ class ServerClient:
                                  session_id=session_id, model=model)
             return resp, self._download(resp, download_progress)
 
-        resp, data = self._once_more(attempt, f"inference {model}")
+        poller = _InferPoller(self, headers[REQUEST_ID_HEADER], infer_progress) if infer_progress else None
+        ok = False
+        try:
+            resp, data = self._once_more(attempt, f"inference {model}")
+            ok = True
+        finally:
+            if poller is not None:
+                poller.stop(finished=ok)
         result = json.loads(resp.headers.get("X-HPCSeg-Result", "{}"))
         ctype = resp.headers.get("Content-Type", imaging.CONTENT_TYPE_NIFTI).split(";")[0].strip()
         mask = imaging.decode(data, ctype if ctype in imaging.CONTENT_TYPES else imaging.CONTENT_TYPE_NIFTI)
@@ -415,6 +427,50 @@ def _prepare(image: sitk.Image | str | Path, min_slices: int = 3) -> tuple[sitk.
     img, bad = imaging.finite_voxels(img)
     notes = [imaging.nonfinite_warning(bad)] if bad else []
     return img, notes
+
+
+class _InferPoller:
+    """Follows a running inference's progress (``GET /progress/{request id}``) in a thread, while the POST waits.
+
+    Its own HTTP session (requests' sessions are not shared across threads), short timeouts, no retries: a missed
+    poll only delays the next number. ``progress(done, total)`` is called when the numbers change.
+    """
+
+    def __init__(self, client: ServerClient, request_id: str, progress: Progress, interval: float = 1.0) -> None:
+        self._url = f"{client.base_url}/progress/{request_id}"
+        self._session = requests.Session()
+        self._session.trust_env = False
+        self._session.headers.update({k: v for k, v in client.session.headers.items()
+                                      if k in ("Authorization", PROTOCOL_HEADER)})
+        self._progress, self._interval = progress, interval
+        self._stop = threading.Event()
+        self._last: tuple[int, int] | None = None
+        self._thread = threading.Thread(target=self._run, name="hpcseg-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                resp = self._session.get(self._url, timeout=(3.0, 5.0))
+            except requests.RequestException:
+                continue
+            if resp.status_code != 200:
+                continue
+            body = resp.json()
+            now = (int(body.get("done", 0)), int(body.get("total", 0)))
+            if now != self._last and now[1] > 0 and not self._stop.is_set():
+                self._last = now
+                self._progress(*now)
+            if body.get("state") != "running":
+                break
+
+    def stop(self, finished: bool = False) -> None:
+        """Stop polling; ``finished``: the answer came, so the last numbers seen are completed (done = total)."""
+        self._stop.set()
+        self._thread.join(timeout=6.0)
+        self._session.close()
+        if finished and self._last is not None and self._last[0] < self._last[1]:
+            self._progress(self._last[1], self._last[1])
 
 
 def _phases(progress: Callable[[str, int, int], None] | None, up: Progress | None,

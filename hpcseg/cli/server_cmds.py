@@ -108,9 +108,13 @@ def segment(ctx: Ctx, image: Path, output: Path, model: str | None, labels: str 
             why = "named with -m"
         if not as_json:
             click.echo(f"model: {model} ({why})", err=True)
-        res = conn.client.segment(img, model=model, labels=wanted, fast=fast,
-                                  upload_progress=_bar("upload", as_json),
-                                  download_progress=_bar("download", as_json))
+        from .progress_display import RequestProgress
+
+        shown_progress = RequestProgress(quiet=as_json)  # bars on a terminal, plain lines in a log
+        try:
+            res = conn.client.segment(img, model=model, labels=wanted, fast=fast, progress=shown_progress)
+        finally:
+            shown_progress.close()
     for warning in res.warnings:  # the model's own checks (e.g. "not CT-like") and what the client changed
         warn(warning)
     mask, names, version = res

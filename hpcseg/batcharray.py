@@ -68,7 +68,12 @@ class ArrayRunner:
 
     # -- rounds --------------------------------------------------------------------------------------------------
     def submit_round(self) -> dict[str, Any]:
-        """Write cases.json (once) and the round's script, submit one array, remember it (no orphan on failure)."""
+        """Write cases.json (once) and the round's script, submit one array, remember it (no orphan on failure).
+
+        Limit: a client killed between the submit command and the state write leaves an array the state does not
+        name; resumed, the client submits the round again. The two arrays share the round's claims, so no case
+        runs twice, and the unnamed one ends when no case is left, but ``batch cancel`` does not reach it.
+        """
         import json
 
         from .templates import build_context

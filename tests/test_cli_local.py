@@ -29,7 +29,7 @@ def run(*args, code=0):
 def test_help_lists_every_command():
     out = run("--help").output
     for cmd in ("segment", "submit", "status", "jobs", "cancel", "logs", "connect", "stop", "config", "trust",
-                "templates", "upload", "datasets", "train", "models"):
+                "templates", "upload", "datasets", "train", "models", "batch"):
         assert cmd in out
 
 

@@ -43,9 +43,9 @@ class _ProgressBar:
         total = s["cases"] - s["invalid"]
         if self.bar is None:
             self.bar = tqdm(total=total, desc=f"batch {s['batch_id']}", unit="case", file=sys.stderr)
-        self.bar.update(s["done"] + s["failed"] + s["cancelled"] - self.bar.n)
         self.bar.set_postfix_str(f"failed {s['failed']}, running {s['running']}, queued {s['queued']}, "
-                                 f"ETA {_duration(s['eta_seconds'])}")
+                                 f"ETA {_duration(s['eta_seconds'])}", refresh=False)
+        self.bar.update(s["done"] + s["failed"] + s["cancelled"] - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -8,6 +8,7 @@ run with tiny windows so that an inference lasts long enough to be interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -19,7 +20,7 @@ import pytest
 import requests
 
 from hpcseg import imaging
-from hpcseg.client import REQUEST_ID_HEADER
+from hpcseg.client import REQUEST_ID_HEADER, ServerClient
 from hpcseg.server.models import builtin_models_dir
 
 from .conftest import TOKEN, running, standard_models  # noqa: F401
@@ -157,3 +158,68 @@ def test_a_retried_inference_runs_once(tmp_path, phantom):
         other = requests.post(url, data=other_body, proxies={"http": None}, timeout=30,
                               headers={**headers, "Content-Type": other_ctype})
         assert other.status_code == 409  # the same key for another request is refused
+
+
+class _DroppingProxy:
+    """A real TCP proxy in front of the server that drops the first inference's answer: it forwards the request,
+    then closes the client's connection when the answer starts (as a lost SSH connection does)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.dropped = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        up = socket.create_connection(("127.0.0.1", self.upstream))
+        drop = {"armed": False}
+
+        def forward() -> None:
+            try:
+                while data := client.recv(1 << 16):
+                    if b"POST /infer/" in data and not self.dropped:
+                        drop["armed"] = True
+                    up.sendall(data)
+            except OSError:
+                pass
+
+        threading.Thread(target=forward, daemon=True).start()
+        try:
+            while data := up.recv(1 << 16):
+                if drop["armed"]:
+                    self.dropped += 1
+                    break
+                client.sendall(data)
+        except OSError:
+            pass
+        for s in (client, up):  # shutdown, not only close: it wakes the other thread's recv and sends the FIN
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_the_client_sends_a_lost_inference_once_more_and_the_server_runs_it_once(tmp_path, phantom):
+    with running(tmp_path / "run", standard_models(tmp_path / "models")) as srv:
+        proxy = _DroppingProxy(srv.info["port"])
+        try:
+            with ServerClient(f"http://127.0.0.1:{proxy.port}", srv.token) as c:
+                res = c.segment(phantom, "thr", params={"sleep": 1})
+                assert proxy.dropped == 1 and c.retried == 1
+                assert res.mask.GetSize() == phantom.GetSize()
+        finally:
+            proxy.close()
+        logs = srv.log_file.read_text()
+        assert len(re.findall(r"infer thr v\S+ request=\w+:", logs)) == 1, logs
+        assert "a retry, answered from its first run" in logs

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Profile
-from .errors import HpcsegError, JobError
+from .errors import HpcsegError, JobError, ServerError
 from .jobs import JobManager, JobRecord
 from .schedulers import JobState, JobStatus
 from .schedulers.base import backoff_intervals
@@ -255,6 +255,8 @@ class ServerConnection:
             self.close()
             if started_here:  # we started it: a start that fails must not leave a job behind
                 self.jobs.cancel([self.record.job_id], quiet=True)
+                if isinstance(exc, ServerError) and exc.status == 426:  # version skew: its one line says it all
+                    raise JobError(f"{exc.message}; the job was cancelled", hint=exc.hint) from exc
                 if isinstance(exc, HpcsegError):
                     raise JobError(f"{exc.message}; the job was cancelled.\n{log_tail(self.jobs, self.record.job_id)}",
                                    hint=exc.hint) from exc

@@ -14,6 +14,7 @@ import json
 import posixpath
 import shlex
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -331,15 +332,7 @@ def test_doctor_all_ok_then_each_fault_gives_exactly_its_own_line(cluster, shell
     shell.run(["mkdir", "-p", f"{fake}/bin"], check=True)
     shell.write_text(f"{fake}/bin/activate", f'PATH="{fake}/bin:$PATH"; export PATH\n', mode=0o644)
     shell.write_text(f"{fake}/bin/singularity", FAKE_SINGULARITY.read_text(), mode=0o755)
-    old = f"{folder}/old-hpcseg"
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", PRE_PROTOCOL_COMMIT, "hpcseg"],
-                             capture_output=True, check=True, timeout=60).stdout
-    shell.run(["mkdir", "-p", old], check=True)
-    local_tar = tmp_path / "old.tar"
-    local_tar.write_bytes(archive)
-    shell.put(local_tar, f"{folder}/old.tar")
-    shell.run(["tar", "-x", "-C", old, "-f", f"{folder}/old.tar"], check=True, timeout=60)
-    shell.write_text(f"{folder}/old-python", f'#!/bin/sh\nPYTHONPATH={old} exec {cluster.python} "$@"\n', mode=0o755)
+    old_python = _old_hpcseg_python(shell, cluster, folder, tmp_path)
     shell.run(["mkdir", "-p", "-m", "000", f"{folder}/unreadable-models"], check=True)
     shell.run(["mkdir", "-p", "-m", "755", f"{folder}/open-work"], check=True)
     shell.run(["chmod", "755", f"{folder}/open-work"], check=True)
@@ -350,7 +343,7 @@ def test_doctor_all_ok_then_each_fault_gives_exactly_its_own_line(cluster, shell
         "container runtime and image": (["--set", "container_runtime=singularity", "--set",
                                          f"image={folder}/missing.sif", "--set", f"venv={fake}"], {}),
         "models dir readable": (["--set", f"models_dir={folder}/unreadable-models"], {}),
-        "server protocol": (["--set", f"python={folder}/old-python"], {}),
+        "server protocol": (["--set", f"python={old_python}"], {}),
         "work dir private": (["--set", f"work_dir={folder}/open-work"], {}),
     }
     for item, (args, how) in faults.items():
@@ -366,7 +359,7 @@ def test_doctor_all_ok_then_each_fault_gives_exactly_its_own_line(cluster, shell
                 "models dir readable": "not readable", "work dir private": "others can read it",
                 "host key known": "is not known", "server protocol": "older"}[item] in bad[0]["detail"], bad
     # the protocol fault says which versions and what to upgrade
-    r, out = _doctor("--set", f"python={folder}/old-python")
+    r, out = _doctor("--set", f"python={old_python}")
     line = next(i for i in out["items"] if i["item"] == "server protocol")
     assert "no protocol version (older)" in line["detail"] and "upgrade the server image or venv" in line["detail"]
     # the same check with the FAKE runtime and an image that exists: all ok again (the image's hpcseg answers)
@@ -394,5 +387,47 @@ def test_slicers_worker_session_with_a_host_only_profile_uses_the_site(cluster, 
         assert len(queued_in(shell, "slurm", f"{folder}/work")) == 1
     finally:
         session.stop()
+        for jid in queued_in(shell, "slurm", f"{folder}/work"):
+            shell.run(["scancel", jid.split()[0]], timeout=30)
+
+
+def _old_hpcseg_python(shell, cluster, folder: str, tmp_path: Path) -> str:
+    """A python on the cluster that imports hpcseg as it was before protocol versions (a real older release of
+    this repository, exported with git archive): what an outdated site image or venv holds."""
+    old = f"{folder}/old-hpcseg"
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", PRE_PROTOCOL_COMMIT, "hpcseg"],
+                             capture_output=True, check=True, timeout=60).stdout
+    (tmp_path / "old.tar").write_bytes(archive)
+    shell.run(["mkdir", "-p", old], check=True)
+    shell.put(tmp_path / "old.tar", f"{folder}/old.tar")
+    shell.run(["tar", "-x", "-C", old, "-f", f"{folder}/old.tar"], check=True, timeout=60)
+    shell.write_text(f"{folder}/old-python", f'#!/bin/sh\nPYTHONPATH={old} exec {cluster.python} "$@"\n', mode=0o755)
+    return f"{folder}/old-python"
+
+
+def test_a_server_job_of_an_older_hpcseg_is_refused_in_one_line_and_cancelled(cluster, shell, folder, user_config,
+                                                                                tmp_path):
+    site = install(shell, folder, site_toml(cluster, "slurm", folder))
+    user_config(site)
+    old_python = _old_hpcseg_python(shell, cluster, folder, tmp_path)
+    image, _, _ = make_phantom(5, shape=(32, 32, 24))
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    try:
+        r = cli("--set", f"python={old_python}", "segment", str(tmp_path / "ct.nii.gz"), "-o",
+                str(tmp_path / "mask.nii.gz"), "--model", "phantom-unet", "--timeout", "600")
+        assert r.exit_code == 1
+        lines = r.output.strip().splitlines()
+        errors = [i for i, ln in enumerate(lines) if ln.startswith("error: ")]
+        assert len(errors) == 1, r.output
+        first = lines[errors[0]]
+        assert "no protocol version (older)" in first and "upgrade the server image or venv" in first, r.output
+        assert "the job was cancelled" in first and "Traceback" not in r.output
+        assert all(ln.startswith("  hint:") for ln in lines[errors[0] + 1:]), r.output  # no log tail after it
+        assert not (tmp_path / "mask.nii.gz").exists()  # never a mask from a server it cannot trust
+        deadline = time.monotonic() + 30  # cancelled: gone from squeue once Slurm has ended it (~0.3 s)
+        while queued_in(shell, "slurm", f"{folder}/work") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert queued_in(shell, "slurm", f"{folder}/work") == []
+    finally:
         for jid in queued_in(shell, "slurm", f"{folder}/work"):
             shell.run(["scancel", jid.split()[0]], timeout=30)

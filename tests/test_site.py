@@ -250,3 +250,11 @@ def test_a_job_manager_made_without_the_site_finds_it_and_its_limits(tmp_path):
         jm.render("server")
     assert jm.site.location == str(site.resolve()) and not (tmp_path / "work").exists()
     assert JobManager(res.profile, shell=LocalShell(), site=None).site is None  # explicitly none
+
+
+def test_config_show_origin_of_the_embedded_local_profile():
+    r = _cli("config", "show", "--origin", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["site"] is None and data["profile"] == "local"
+    assert {row["origin"] for row in data["values"]} <= {"built-in", "built-in (local)"}

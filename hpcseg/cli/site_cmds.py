@@ -13,8 +13,13 @@ def show_origins(ctx: Ctx, as_json: bool) -> None:
     """The effective profile, each value with the layer it came from (``config show --origin``)."""
     r = ctx.resolved
     values = r.profile.to_dict()
-    rows = [{"key": k, "value": values.get(k), "origin": r.origins.get(k, "built-in")}
-            for k in sorted(r.origins) if k in values]
+    embedded = r.profile.name not in ctx.config.profiles  # the embedded `local` profile: all of it is built in
+
+    def origin(key: str) -> str:
+        came = r.origins.get(key, "built-in")
+        return "built-in (local)" if embedded and came == "profile" else came
+
+    rows = [{"key": k, "value": values.get(k), "origin": origin(k)} for k in sorted(r.origins) if k in values]
     site = None if r.bundle is None else {"location": r.bundle.location, "name": r.bundle.name,
                                           "contact": r.bundle.contact, "digest": r.bundle.digest}
     if as_json:

@@ -46,7 +46,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 SCHEDULERS = ("slurm", "pbs", "local")
-RUNTIMES = ("singularity", "apptainer", "none")
+RUNTIMES = ("singularity", "apptainer", "charliecloud", "none")
 PBS_DIALECTS = ("auto", "pro", "torque")
 GPU_DIRECTIVES = ("gres", "gpus", "none")
 
@@ -161,8 +161,9 @@ class Profile:
         if self.container_runtime not in RUNTIMES:
             raise bad("container_runtime", "one of " + ", ".join(RUNTIMES))
         if self.container_runtime != "none" and not self.image:
-            raise ConfigError(f"{p}.image is missing: container_runtime={self.container_runtime} needs a .sif",
-                              hint=f"hpcseg config set image /path/to/hpcseg-server.sif --profile {self.name}")
+            kind = "a directory image (ch-convert)" if self.container_runtime == "charliecloud" else "a .sif"
+            raise ConfigError(f"{p}.image is missing: container_runtime={self.container_runtime} needs {kind}",
+                              hint=f"hpcseg config set image /path/to/hpcseg-server --profile {self.name}")
         if self.gpu_directive not in GPU_DIRECTIVES:
             raise bad("gpu_directive", "one of " + ", ".join(GPU_DIRECTIVES))
         for key in ("gpus", "cpus"):

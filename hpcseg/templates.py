@@ -517,6 +517,11 @@ def build_context(profile: Profile, *, template: str, job_dir: str, work_dir: st
             if ":" in d or "," in d:
                 raise TemplateError(f"{profile.container_runtime} cannot bind {d!r}: a path with ':' or ','",
                                     hint="move the work, models or datasets folder to a path without them")
+    if profile.container_runtime == "charliecloud":
+        for b in binds:
+            if b.count(":") > 1:
+                raise ConfigError(f"{p}.binds: {b!r}: ch-run binds SRC[:DST] only (no options such as :ro)",
+                                  hint=f"hpcseg config set binds SRC:DST --profile {profile.name}")
     dialect = pbs_dialect or profile.pbs_dialect
     if dialect not in ("pro", "torque", "auto"):
         raise TemplateError(f"pbs_dialect must be pro or torque, got {dialect!r}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..config import Profile, config_path, editable_profile, profile_from_dict, set_value
+from ..containers import RUNTIME_PROGRAM
 from ..errors import ConfigError, HpcsegError, UnknownHostKey
 from . import main
 from .common import Ctx, emit_json, json_option, pass_ctx
@@ -143,10 +144,11 @@ def run_checks(prof: Profile) -> list[dict]:
     res = jm.shell.run(f"mkdir -p {shlex.quote(wd)} && test -w {shlex.quote(wd)}")
     add("work dir", res.ok, wd, "" if res.ok else f"set work_dir to a writable folder (now {prof.work_dir})")
     if prof.container_runtime != "none":
-        res = jm.shell.run(["sh", "-c", 'command -v "$1" && test -r "$2"', "sh", prof.container_runtime,
+        program = RUNTIME_PROGRAM[prof.container_runtime]
+        res = jm.shell.run(["sh", "-c", 'command -v "$1" && test -r "$2"', "sh", program,
                             jm.abs_path(prof.image or "")])
         add("container", res.ok, f"{prof.container_runtime} {prof.image}",
-            "" if res.ok else f"install/load {prof.container_runtime} (modules = [...]) and check image path")
+            "" if res.ok else f"install/load {program} (modules = [...]) and check image path")
     else:
         py = prof.python
         activate = f". {shlex.quote(jm.abs_path(prof.venv))}/bin/activate && " if prof.venv else ""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ..containers import exec_prefix
 from ..errors import ConfigError, DatasetError
 from . import main
 from .common import Ctx, emit_json, json_option, pass_ctx
@@ -194,7 +195,8 @@ def models(click_ctx: click.Context, ctx: Ctx, as_json: bool) -> None:
     activate = f". {shlex.quote(jm.abs_path(prof.venv))}/bin/activate && " if prof.venv else ""
     py = shlex.quote(jm.abs_path(prof.python))
     if prof.container_runtime != "none":
-        py = f"{prof.container_runtime} exec {shlex.quote(jm.abs_path(prof.image or ''))} {py}"
+        prefix = exec_prefix(prof.container_runtime, jm.abs_path(prof.image or ""))
+        py = f"{shlex.join(prefix)} {py}"
     res = jm.shell.run(f"{activate}{py} -m hpcseg.modelstore list --models-dir "
                        f"{shlex.quote(jm.abs_path(prof.models_path))}", timeout=120).check(
         hint="the login node must run hpcseg's python (profile python/venv/container)")

@@ -1,0 +1,93 @@
+#!/bin/bash
+#PBS -N hpcseg-batch
+#PBS -q batch
+#PBS -l nodes=1:ppn=4:gpus=1
+#PBS -l mem=16gb
+#PBS -l walltime=02:00:00
+#PBS -j oe
+# Rendered by hpcseg from batch.sh.j2: edit the templates, not this file.
+set -u
+export HPCSEG_JOB_DIR=/home/alice/.hpcseg/jobs/20240601-120000-batch
+export HPCSEG_CLIENT_VERSION=0.0.0+golden
+cd -- "$HPCSEG_JOB_DIR" || exit 1
+# A requeued job starts again in the same folder: forget the last run's ending. `started` (epoch seconds) lets the
+# client tell a walltime kill (SIGTERM after the walltime) from a cancel once the scheduler has forgotten the job.
+rm -f -- exit_code ending
+date +%s > started
+
+# exit_code is the last word on how this job ended once squeue/qstat have forgotten it: the job's exit status, or
+# 128+N when signal N stopped it (143: SIGTERM from scancel/qdel, or the walltime: Slurm sends SIGTERM and then,
+# KillWait seconds later (default 30), SIGKILL; PBS waits kill_delay). It is written atomically (temp + mv), at
+# once when a signal arrives (SIGKILL may follow), and again on exit.
+_hpcseg_child=
+_hpcseg_signal_rc=
+_hpcseg_write_exit_code() {
+    printf '%s\n' "$1" > "$HPCSEG_JOB_DIR/.exit_code.$$" && mv -f -- "$HPCSEG_JOB_DIR/.exit_code.$$" "$HPCSEG_JOB_DIR/exit_code"
+}
+_hpcseg_on_exit() {
+    local rc=$?
+    trap - EXIT HUP INT TERM USR2
+    if [ -n "$_hpcseg_signal_rc" ]; then rc=$_hpcseg_signal_rc; fi
+    _hpcseg_cleanup
+    _hpcseg_write_exit_code "$rc"
+    exit "$rc"
+}
+_hpcseg_on_signal() {
+    _hpcseg_signal_rc=$2
+    _hpcseg_write_exit_code "$2"
+    echo "hpcseg: got SIG$1, stopping" >&2
+    if [ -z "$_hpcseg_child" ]; then exit "$2"; fi
+    kill -TERM "$_hpcseg_child" 2>/dev/null
+}
+# SIGUSR2 warns that the walltime is near (Slurm header: --signal=B:USR2@SECONDS): note it for the client, and go on.
+_hpcseg_on_walltime_warning() {
+    printf 'walltime\n' > "$HPCSEG_JOB_DIR/ending"
+}
+trap _hpcseg_on_exit EXIT
+trap '_hpcseg_on_signal HUP 129' HUP
+trap '_hpcseg_on_signal INT 130' INT
+trap '_hpcseg_on_signal TERM 143' TERM
+trap _hpcseg_on_walltime_warning USR2
+
+# Run a command in the background and wait for it: bash runs a trap only after a foreground command returns,
+# while `wait` returns at once, so a SIGTERM is handled (and passed on) while the command runs.
+_hpcseg_run() {
+    _hpcseg_exec "$@" &
+    _hpcseg_child=$!
+    local rc=0
+    wait "$_hpcseg_child" || rc=$?
+    while kill -0 "$_hpcseg_child" 2>/dev/null; do
+        rc=0
+        wait "$_hpcseg_child" || rc=$?
+    done
+    _hpcseg_child=
+    return "$rc"
+}
+
+_hpcseg_cleanup() {
+    :
+}
+
+# How every program of this job runs (charliecloud): always in the subshell _hpcseg_run makes, so
+# `exec` hands signals straight to the program.
+_hpcseg_exec() {
+    # Charliecloud: a directory image, unprivileged; --home binds $HOME at /home/$USER, --set-env applies the
+    # image's environment (/ch/environment). A bind's destination must exist in the image. GPUs: the host's driver
+    # libraries go into the image beforehand (ch-fromhost --nvidia); CUDA_VISIBLE_DEVICES passes through.
+    exec ch-run --home --set-env -b /home/alice/.hpcseg -b /project/hpcseg/models -b /scratch -b /data/ct:/data /sw/images/hpcseg-server -- "$@"
+}
+
+# This task's index: Slurm, PBS Pro, Torque (and Slurm's Torque wrapper), or hpcseg's local lanes.
+task=${SLURM_ARRAY_TASK_ID:-${PBS_ARRAY_INDEX:-${PBS_ARRAYID:-${HPCSEG_ARRAY_TASK_ID:-0}}}}
+# Every task keeps its own started/exit_code/ending files (the traps write them under $HPCSEG_JOB_DIR).
+HPCSEG_JOB_DIR="$HPCSEG_JOB_DIR/tasks/1-$task"
+mkdir -p -- "$HPCSEG_JOB_DIR" || exit 1
+date +%s > "$HPCSEG_JOB_DIR/started"
+mkdir -p -- /project/hpcseg/models 2>/dev/null || :
+_hpcseg_run python3 -m hpcseg.batchworker \
+    --batch-dir /home/alice/.hpcseg/batches/20240601-120000-ab12cd \
+    --round 1 \
+    --task "$task" \
+    --models-dir /project/hpcseg/models \
+    --device auto \
+    --log-file "$HPCSEG_JOB_DIR/worker.log"

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .config import Profile
+from .containers import RUNTIME_PROGRAM, exec_prefix
 from .errors import ChangedHostKey, ConfigError, HpcsegError, UnknownHostKey
 from .protocol import PROTOCOL_VERSION, compatible, server_mismatch
 from .shell import LocalShell, Shell
@@ -171,9 +172,10 @@ def _runtime_items(prof: Profile, shell: Shell, add) -> None:
     setup = "".join(f"module load {shlex.quote(m)} >/dev/null 2>&1; " for m in prof.modules)
     setup += f". {shlex.quote(venv)}/bin/activate && " if venv else ""
     if prof.container_runtime != "none":
-        res = shell.run(["sh", "-c", setup + 'command -v "$1"', "sh", prof.container_runtime], timeout=30)
+        program = RUNTIME_PROGRAM[prof.container_runtime]
+        res = shell.run(["sh", "-c", setup + 'command -v "$1"', "sh", program], timeout=30)
         if not res.ok:
-            add("container runtime and image", False, f"{prof.container_runtime} not found on {shell.name}",
+            add("container runtime and image", False, f"{program} not found on {shell.name}",
                 "load it in your login environment (modules = [...]) or ask your admins")
             return
         if not image or not shell.run(["test", "-r", image], timeout=30).ok:
@@ -181,7 +183,7 @@ def _runtime_items(prof: Profile, shell: Shell, add) -> None:
                 "copy the image there (singularity/README.md) or fix image in the site bundle or profile")
             return
         add("container runtime and image", True, f"{prof.container_runtime}, {image}")
-        probe = ["sh", "-c", setup + 'exec "$@"', "sh", prof.container_runtime, "exec", image, py, "-m",
+        probe = ["sh", "-c", setup + 'exec "$@"', "sh", *exec_prefix(prof.container_runtime, image), py, "-m",
                  "hpcseg.protocol"]
     else:
         add("container runtime and image", True, "no container (python " + py + (f", venv {venv}" if venv else "")

@@ -108,6 +108,10 @@ def test_segment_in_the_image_under_ch_run(cluster, ch_image, tmp_path, sched):
     truth.CopyInformation(image)
     ip, out = tmp_path / "ct.nii.gz", tmp_path / "ct-seg.nii.gz"
     sitk.WriteImage(image, str(ip))
+    if sched == "slurm":  # doctor finds ch-run and asks the image's hpcseg for its protocol, through ch-run
+        items = {i["item"]: i for i in json.loads(run("doctor", "--json", ok=False).stdout)["items"]}
+        assert items["container runtime and image"]["ok"], items["container runtime and image"]
+        assert items["server protocol"]["ok"], items["server protocol"]
     try:
         res = json.loads(run("segment", str(ip), "-o", str(out), "--model", "ct-body", "--timeout", "600",
                              "--json").stdout)

@@ -215,6 +215,10 @@ class ArrayRunner:
             if on_progress:
                 on_progress(self.b.summary(view))
             if not self.b.keys("pending"):
+                if not all(s.state.terminal for s in statuses.values()):
+                    # tasks still starting (or loading the model) would find nothing to do: free their GPUs now
+                    cancel = self.sched.array_cancel_command(rnd["array_id"])
+                    self.shell.run(list(cancel.argv), timeout=60)
                 rnd["over"] = True
                 st["finished"] = True
                 self.b.save()

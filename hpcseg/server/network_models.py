@@ -119,9 +119,26 @@ class TorchModel(Model):
         wanted = self.wanted_labels(params)
         keep = None if len(wanted) == len(self.manifest.labels) else list(wanted.values())
         device = resolve_device(params.get("device") or self.device)
-        net = self.net_on(device)
-        return segment(image, lambda x: self._logits(net(x)), self.manifest, {**params, "device": device},
+        return segment(image, self.predictor_on(device), self.manifest, {**params, "device": device},
                        device=device, wanted=keep)
+
+    def predictor_on(self, device: str):
+        """The network call for ``device``: torch, or on the CPU the optimised runtime the manifest (or ``auto``)
+        chooses (:mod:`hpcseg.server.cpu_runtime`); exported once per weights, cached next to them."""
+        from hpcseg.server import cpu_runtime
+
+        net = self.net_on(device)
+        if cpu_runtime.choose_runtime(self.manifest.extra, device) != "openvino":
+            return cpu_runtime.torch_predictor(net, self._logits)
+        with self._lock:
+            ov = getattr(self, "_openvino", None)
+            if ov is None:
+                roi = list(self.manifest.roi_size or [96, 96, 96])
+                weights = self.folder / self.manifest.weights if self.manifest.weights else None
+                spec = {"network": self.manifest.network, "weights": self.manifest.weights}
+                ov = self._openvino = cpu_runtime.OpenVinoPredictor.for_model(
+                    _FirstOutput(net, self._logits), weights, spec, (1, 1, *roi))
+        return ov
 
     def weights_path(self) -> Path:
         if not self.manifest.weights:
@@ -130,6 +147,17 @@ class TorchModel(Model):
         if not path.is_file():
             raise ModelLoadError(f"{self.folder}: weights file {self.manifest.weights!r} is missing")
         return path
+
+
+class _FirstOutput(torch.nn.Module):
+    """``logits(net(x))`` as a module: what the OpenVINO export traces (deep supervision's extra outputs dropped)."""
+
+    def __init__(self, net: torch.nn.Module, logits) -> None:
+        super().__init__()
+        self.net, self._logits = net, logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._logits(self.net(x))
 
 
 class NetworkModel(TorchModel):

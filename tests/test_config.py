@@ -120,8 +120,15 @@ def test_newlines_refused_at_set(key):
 
 
 # --- issue 13, point 6: the local profile is settable like any other, with the built-in defaults -------------------
-def test_config_init_local_writes_the_builtin_local_values(tmp_path):
-    written = profile_from_dict("mine", {"scheduler": "local"})
+def test_config_init_local_writes_the_builtin_local_values(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from hpcseg.cli import main
+
+    monkeypatch.setenv("HPCSEG_CONFIG", str(tmp_path / "config.toml"))
+    res = CliRunner().invoke(main, ["-p", "mine", "config", "init", "--scheduler", "local"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    written = load_config(tmp_path / "config.toml").profiles["mine"]
     builtin = local_profile()
     for key in ("python", "gpus", "work_dir", "device", "container_runtime"):
         assert getattr(written, key) == getattr(builtin, key), key

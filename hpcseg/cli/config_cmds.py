@@ -77,7 +77,7 @@ def config_show(ctx: Ctx, origin: bool, as_json: bool) -> None:
     prof = ctx.file_profile
     data = {"config_file": str(ctx.config.path or config_path()), "default": ctx.config.default,
             "profiles": sorted(ctx.config.profiles), "profile": prof.name, **prof.to_dict(),
-            **_where_models_are(prof)}
+            **_where_models_are(ctx.profile)}  # the effective profile's: what its server reads
     if as_json:
         emit_json(data)
         return
@@ -86,9 +86,9 @@ def config_show(ctx: Ctx, origin: bool, as_json: bool) -> None:
     click.echo(f"[profiles.{prof.name}]")
     for k, v in prof.to_dict().items():
         click.echo(f"{k} = {v!r}")
-    if prof.models_dir is None:
-        click.echo(f"# models_dir = {data['models_dir']!r}  (not set: work_dir/models; "
-                   "hpcseg config set models_dir DIR changes it)")
+    if prof.models_dir is None:  # not in the file: say where the server looks all the same
+        whence = "not set: work_dir/models" if ctx.profile.models_dir is None else "from the site or preset"
+        click.echo(f"# models_dir = {data['models_dir']!r}  ({whence}; hpcseg config set models_dir DIR changes it)")
     click.echo(f"# served: models_dir, then the built-in models in {data['builtin_models_dir']}")
 
 

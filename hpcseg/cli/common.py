@@ -55,8 +55,9 @@ class Ctx:
             from ..jobs import JobManager
 
             r = self.resolved
-            self._jobs = JobManager(r.profile, shell=r.shell if r.bundle is not None else None, site=r.bundle,
-                                    origins=r.origins)
+            # the connection the site was looked up on is the profile's one connection (None: not opened yet)
+            shell = r.shell if r.shell is not None and (r.bundle is not None or not r.profile.is_local) else None
+            self._jobs = JobManager(r.profile, shell=shell, site=r.bundle, origins=r.origins)
         return self._jobs
 
 

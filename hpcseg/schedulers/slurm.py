@@ -264,6 +264,11 @@ class SlurmArrays:
         """sbatch with ``--array=0-(size-1)%max_running``; each task's output goes to ``task-<index>.out``."""
         if size < 1 or max_running < 1:
             raise ValueError("an array needs size >= 1 and max_running >= 1")
+        if "\\" in spec.job_dir:
+            # sbatch reads a backslash in --output/--error as "expand no pattern" and drops it: the job could not
+            # open its output file and would fail without a word (found by a hypothesis-drawn job folder)
+            raise SubmitFailed(f"Slurm cannot write job output under {spec.job_dir!r}: sbatch drops the backslash",
+                               hint="set work_dir to a path without '\\'")
         out = spec.job_dir.replace("%", "%%")
         return Command(["sbatch", "--parsable", f"--array=0-{size - 1}%{max_running}", f"--chdir={spec.job_dir}",
                         f"--output={out}/task-%a.out", f"--error={out}/task-%a.err", "--job-name", spec.job_name,
@@ -368,6 +373,11 @@ class Slurm(SlurmArrays, Scheduler):
 
         A ``%`` in a path is doubled: sbatch reads ``%j``, ``%x`` and so on in ``--output`` as file-name patterns.
         """
+        if "\\" in spec.job_dir:
+            # sbatch reads a backslash in --output/--error as "expand no pattern" and drops it: the job could not
+            # open its output file and would fail without a word (found by a hypothesis-drawn job folder)
+            raise SubmitFailed(f"Slurm cannot write job output under {spec.job_dir!r}: sbatch drops the backslash",
+                               hint="set work_dir to a path without '\\'")
         out = spec.job_dir.replace("%", "%%")
         return Command(["sbatch", "--parsable", f"--chdir={spec.job_dir}", f"--output={out}/job.out",
                         f"--error={out}/job.err", "--job-name", spec.job_name, *spec.extra_args,

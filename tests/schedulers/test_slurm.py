@@ -44,6 +44,13 @@ def test_percent_in_a_job_dir_is_not_read_as_an_sbatch_pattern():
     assert "--output=/d/100%%/job.out" in argv and "--chdir=/d/100%" in argv
 
 
+def test_a_backslash_in_a_job_dir_is_refused_before_sbatch():
+    """sbatch drops a backslash from --output (its "no patterns" marker): the job would fail silently."""
+    with pytest.raises(SubmitFailed, match="backslash") as err:
+        S.submit_command(SubmitSpec("/d/a\\b/job.sh", "/d/a\\b"))
+    assert "work_dir" in (err.value.hint or "")
+
+
 def test_parse_submit_real_and_wrapped_outputs():
     assert S.parse_submit(recorded("slurm", "sbatch_ok")) == "4"
     assert S.parse_submit(result("123;cluster2\n")) == "123"

@@ -161,3 +161,17 @@ def test_config_show_says_where_the_local_defaults_models_are(tmp_path, monkeypa
     monkeypatch.delenv("HPCSEG_PROFILE", raising=False)
     out = CliRunner().invoke(main, ["config", "show"], catch_exceptions=False).output
     assert f"models_dir = {local_profile().models_path!r}" in out and "built-in models in" in out
+
+
+def test_config_check_refuses_a_hand_edited_account_in_submits_words(tmp_path, monkeypatch):
+    """Issue 13, point 3: `config check` said ok to an account submit would refuse."""
+    from click.testing import CliRunner
+
+    from hpcseg.cli import main
+
+    path = tmp_path / "config.toml"
+    path.write_text('default = "x"\n[profiles.x]\nscheduler = "slurm"\nhost = "login"\naccount = "$(id)"\n')
+    monkeypatch.setenv("HPCSEG_CONFIG", str(path))
+    monkeypatch.delenv("HPCSEG_PROFILE", raising=False)
+    res = CliRunner().invoke(main, ["config", "check"])
+    assert res.exit_code == 1 and "cannot go on a scheduler directive line" in res.output, res.output

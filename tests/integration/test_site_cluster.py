@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import posixpath
 import shlex
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +27,7 @@ from hpcseg.config import Profile
 from hpcseg.phantoms import make_phantom
 from hpcseg.site import resolve
 from hpcseg.ssh import SSHShell
+from tests.history import export_hpcseg
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -395,8 +395,7 @@ def _old_hpcseg_python(shell, cluster, folder: str, tmp_path: Path) -> str:
     """A python on the cluster that imports hpcseg as it was before protocol versions (a real older release of
     this repository, exported with git archive): what an outdated site image or venv holds."""
     old = f"{folder}/old-hpcseg"
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", PRE_PROTOCOL_COMMIT, "hpcseg"],
-                             capture_output=True, check=True, timeout=60).stdout
+    archive = export_hpcseg(PRE_PROTOCOL_COMMIT)
     (tmp_path / "old.tar").write_bytes(archive)
     shell.run(["mkdir", "-p", old], check=True)
     shell.put(tmp_path / "old.tar", f"{folder}/old.tar")

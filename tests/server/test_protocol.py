@@ -16,6 +16,7 @@ import requests
 from hpcseg.client import ServerClient
 from hpcseg.errors import ServerError
 from hpcseg.protocol import HEADER, PROTOCOL_VERSION
+from tests.history import export_hpcseg
 
 from .conftest import REPO
 
@@ -61,11 +62,7 @@ def test_requests_without_the_header_are_served_as_before(server):
 @pytest.fixture(scope="module")
 def old_hpcseg(tmp_path_factory):
     root = tmp_path_factory.mktemp("old-hpcseg")
-    try:
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", PRE_PROTOCOL_COMMIT, "hpcseg"],
-                                 capture_output=True, check=True, timeout=60).stdout
-    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
-        pytest.fail(f"cannot export hpcseg at {PRE_PROTOCOL_COMMIT}: {exc}")
+    archive = export_hpcseg(PRE_PROTOCOL_COMMIT)
     subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True, timeout=60)
     assert not (root / "hpcseg" / "protocol.py").exists()
     return root

@@ -206,8 +206,8 @@ def trust(ctx: Ctx, host: str | None, port: int | None, fingerprint: str | None,
 
 def _trust_target(ctx: Ctx, host: str | None, port: int | None) -> tuple[str, int | None]:
     """HOST (else the profile's host) and the port: ``--port``, else the profile's when HOST is its host."""
-    try:
-        prof: Profile | None = ctx.profile
+    try:  # the file's profile: resolving the site layer would connect, and the host is not trusted yet
+        prof: Profile | None = ctx.file_profile
     except HpcsegError:
         prof = None  # a broken or missing profile must not stop trusting an explicitly named host
     if not host:

@@ -77,7 +77,7 @@ def config_show(ctx: Ctx, origin: bool, as_json: bool) -> None:
     prof = ctx.file_profile
     data = {"config_file": str(ctx.config.path or config_path()), "default": ctx.config.default,
             "profiles": sorted(ctx.config.profiles), "profile": prof.name, **prof.to_dict(),
-            **_where_models_are(ctx.profile)}  # the effective profile's: what its server reads
+            **_where_models_are(prof)}  # the file's (no connection: `config show --origin` has the site's)
     if as_json:
         emit_json(data)
         return
@@ -87,8 +87,8 @@ def config_show(ctx: Ctx, origin: bool, as_json: bool) -> None:
     for k, v in prof.to_dict().items():
         click.echo(f"{k} = {v!r}")
     if prof.models_dir is None:  # not in the file: say where the server looks all the same
-        whence = "not set: work_dir/models" if ctx.profile.models_dir is None else "from the site or preset"
-        click.echo(f"# models_dir = {data['models_dir']!r}  ({whence}; hpcseg config set models_dir DIR changes it)")
+        click.echo(f"# models_dir = {data['models_dir']!r}  (not set: work_dir/models, unless the site sets it: "
+                   "config show --origin; hpcseg config set models_dir DIR changes it)")
     click.echo(f"# served: models_dir, then the built-in models in {data['builtin_models_dir']}")
 
 

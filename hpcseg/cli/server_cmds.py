@@ -108,6 +108,10 @@ def segment(ctx: Ctx, image: Path, output: Path, model: str | None, labels: str 
             why = "named with -m"
         if not as_json:
             click.echo(f"model: {model} ({why})", err=True)
+        declared = (conn.client.info(refresh=False).get("models", {}).get(model) or {}).get("modality")
+        mismatch = imaging.modality_warning(img, declared)
+        if mismatch:  # before the upload; the server's own check says the same afterwards (shown once)
+            warn(mismatch)
         from .progress_display import RequestProgress
 
         shown_progress = RequestProgress(quiet=as_json)  # bars on a terminal, plain lines in a log

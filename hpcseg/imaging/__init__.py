@@ -40,7 +40,7 @@ Example::
 from hpcseg.imaging._common import GEOMETRY_TOLERANCE, IMAGE_SUFFIXES, MASK_SUFFIXES
 from hpcseg.imaging.codecs import CONTENT_TYPE_NIFTI, CONTENT_TYPE_ZSTD, CONTENT_TYPES, decode, encode
 from hpcseg.imaging.geometry import orientation_direction, resample, resample_to_reference, same_geometry
-from hpcseg.imaging.qa import check_input, declared_modality, intensity_range, looks_like_ct
+from hpcseg.imaging.qa import check_input, declared_modality, intensity_range, looks_like_ct, modality_warning
 from hpcseg.imaging.reading import (
     as_volume,
     finite_voxels,
@@ -57,5 +57,5 @@ __all__ = [
     "MASK_SUFFIXES", "as_volume", "check_input", "check_output_path", "decode", "default_file_mode", "encode",
     "finite_voxels", "labels_sidecar", "nonfinite_warning", "orientation_direction", "read_image", "read_mask",
     "read_warnings", "resample", "resample_to_reference", "same_geometry", "write_mask",
-    "declared_modality", "intensity_range", "looks_like_ct",
+    "declared_modality", "intensity_range", "looks_like_ct", "modality_warning",
 ]

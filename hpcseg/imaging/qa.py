@@ -32,6 +32,23 @@ def declared_modality(value: object) -> str:
     return "MR" if text in ("MR", "MRI") else text
 
 
+def modality_warning(image: sitk.Image, modality: object) -> str | None:
+    """A sentence when ``image``'s intensities do not fit a model's declared ``modality`` (CT or MR), else None."""
+    modality = declared_modality(modality)
+    if modality not in ("CT", "MR") or image.GetNumberOfComponentsPerPixel() != 1:
+        return None
+    lo, hi = intensity_range(image)
+    ct_like = lo <= -500 and hi >= 300
+    if modality == "CT" and not ct_like:
+        return (f"intensities span {lo:g} to {hi:g}: not CT-like (CT air is about -1000 HU, bone above 300 HU) but "
+                "this model expects CT; is this an MRI, or a CT rescaled or windowed on export? the result may be "
+                "meaningless")
+    if modality == "MR" and ct_like:
+        return (f"intensities span {lo:g} to {hi:g}: CT-like (Hounsfield units: air near -1000, bone above 300) but "
+                "this model expects MR; the result may be meaningless (pick a CT model with -m, see hpcseg models)")
+    return None
+
+
 def check_input(image: sitk.Image, expect: dict | None = None) -> list[str]:
     """Warnings (sentences for a person) about an input that a model may segment badly; [] when it looks fine.
 
@@ -51,18 +68,9 @@ def check_input(image: sitk.Image, expect: dict | None = None) -> list[str]:
         bad = int(np.count_nonzero(~np.isfinite(view)))
         if bad:
             warnings.append(nonfinite_warning(bad))
-    modality = declared_modality(expect.get("modality"))
-    if modality in ("CT", "MR") and image.GetNumberOfComponentsPerPixel() == 1:
-        lo, hi = intensity_range(image)
-        ct_like = lo <= -500 and hi >= 300
-        if modality == "CT" and not ct_like:
-            warnings.append(f"intensities span {lo:g} to {hi:g}: not CT-like (CT air is about -1000 HU, bone above "
-                            "300 HU) but this model expects CT; is this an MRI, or a CT rescaled or windowed on "
-                            "export? the result may be meaningless")
-        elif modality == "MR" and ct_like:
-            warnings.append(f"intensities span {lo:g} to {hi:g}: CT-like (Hounsfield units: air near -1000, bone "
-                            "above 300) but this model expects MR; the result may be meaningless (pick a CT model "
-                            "with -m, see hpcseg models)")
+    mismatch = modality_warning(image, expect.get("modality"))
+    if mismatch:
+        warnings.append(mismatch)
     # 5 mm is the commonest thick reconstruction and already too thick: warn from the limit on, not past it
     thick = float(expect.get("max_slice_mm", 5.0))
     if max(spacing) >= thick - 1e-3:

@@ -220,7 +220,7 @@ class SegmentationSession:
     def segment(self, volume: VolumeArray, model: str, labels: Sequence[str] | None = None, *,
                 progress: Callable[[str, int, int], None] | None = None) -> Segmentation:
         """Segment a whole volume with a segmentation model; ``progress(phase, done, total)`` as
-        :meth:`hpcseg.client.ServerClient.segment` reports it (the bytes up, the bytes down)."""
+        :meth:`hpcseg.client.ServerClient.segment` reports it (the bytes up, the server's windows, the bytes down)."""
         image = volume.to_image()
         seg = self._result(self.client.segment(image, model, labels=labels, progress=progress), volume, model)
         self.known_labels.update(seg.label_names)

@@ -378,7 +378,8 @@ class HPCSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if "message" in msg:
             self.statusLabel.text = msg["message"]
             return
-        phase = {"upload": "sending", "download": "receiving"}.get(msg.get("phase", ""), msg.get("phase", "uploading"))
+        words = {"upload": "sending", "infer": "segmenting", "download": "receiving"}
+        phase = words.get(msg.get("phase", ""), msg.get("phase", "uploading"))
         self.statusLabel.text = f"{phase}: {100 * msg['done'] // max(msg['total'], 1)} %"
 
     def _failed(self, what, exc):

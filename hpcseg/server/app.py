@@ -101,18 +101,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     _add_error_handlers(app)
     # The last added is outermost: the log/byte counter sees every request, then the token check, then the body
     # limits, then the protocol check (so only a client holding the token learns the server's version).
-
-    @app.middleware("http")
-    async def protocol_check(request, call_next):
-        """A client that names another protocol gets one line (426) and the log one line: no half-understood
-        request is served. Requests without the header (MONAI Label's plugin) pass."""
-        theirs = request.headers.get(PROTOCOL_HEADER)
-        if theirs is not None and theirs.strip() != str(PROTOCOL_VERSION):
-            line = client_mismatch(theirs.strip()[:20])
-            log.warning("refused a request: %s", line)
-            return JSONResponse({"detail": line, "protocol": PROTOCOL_VERSION}, status_code=426)
-        return await call_next(request)
-
+    app.add_middleware(_ProtocolCheckMiddleware)
     app.add_middleware(guard.BodyLimitMiddleware, runtime=rt)
     app.add_middleware(TokenAuthMiddleware, token=settings.token, allow_path_token=settings.allow_path_token)
     app.add_middleware(RequestLogMiddleware, runtime=rt)
@@ -405,6 +394,30 @@ async def _replayed(rt: Runtime, request: Request, key: str, replay: guard.Repla
         raise exc
     log.info("infer %s request=%s: a retry, answered from its first run", model, key[:8])
     return replay.outcome.result()
+
+
+class _ProtocolCheckMiddleware:
+    """A client that names another protocol gets one line (426) and the log one line: no half-understood request is
+    served. Requests without the header (MONAI Label's plugin) pass.
+
+    Pure ASGI, not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware wraps ``receive`` so that a route's
+    ``request.is_disconnected()`` never sees the client leave (the server would not cancel an abandoned inference).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            header = PROTOCOL_HEADER.lower().encode()
+            theirs = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == header), None)
+            if theirs is not None and theirs.strip() != str(PROTOCOL_VERSION):
+                line = client_mismatch(theirs.strip()[:20])
+                log.warning("refused a request: %s", line)
+                answer = JSONResponse({"detail": line, "protocol": PROTOCOL_VERSION}, status_code=426)
+                await answer(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -25,8 +25,8 @@ from hpcseg.server.models import builtin_models_dir
 
 from .conftest import TOKEN, running, standard_models  # noqa: F401
 
-LONG = {"roi_size": [16, 16, 16], "overlap": 0.75}  # hundreds of windows: a minute or more on a busy CPU
-SHORT = {"roi_size": [16, 16, 16], "overlap": 0.5}  # tens of windows: seconds
+LONG = {"roi_size": [16, 16, 16], "overlap": 0.9}  # ~20 000 windows: minutes, even with OpenVINO
+SHORT = {"roi_size": [16, 16, 16], "overlap": 0.75}  # ~500 windows: seconds
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -116,8 +116,13 @@ def test_connections_without_the_token_are_capped_and_timed_out(tmp_path):
         assert "no request with the token within 2 s" in srv.logs()
 
 
+def _all_loaded(srv) -> None:
+    _wait_for(lambda: "all models loaded" in srv.log_file.read_text(), 120, "loading every model")
+
+
 def test_a_client_that_hangs_up_cancels_its_long_inference(tmp_path, phantom):
     with running(tmp_path / "run", builtin_models_dir()) as srv:
+        _all_loaded(srv)
         body, ctype = _infer_body(phantom, LONG)
         url = f"{srv.url}/infer/phantom-unet?output=image"
         headers = {"Authorization": f"Bearer {srv.token}", "Content-Type": ctype}
@@ -136,6 +141,7 @@ def test_a_client_that_hangs_up_cancels_its_long_inference(tmp_path, phantom):
 
 def test_a_retried_inference_runs_once(tmp_path, phantom):
     with running(tmp_path / "run", builtin_models_dir()) as srv:
+        _all_loaded(srv)
         body, ctype = _infer_body(phantom, SHORT)
         key = uuid.uuid4().hex
         url = f"{srv.url}/infer/phantom-unet?output=image"

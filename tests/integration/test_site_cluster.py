@@ -1,8 +1,8 @@
 """The site bundle on the real test cluster, for Slurm and again for the PBS commands: installed into a folder of
-its own on the cluster's shared file system (never the cluster's /etc, which every helper shares), a user profile
-holding only host, user and key (plus `site`, the folder, because the admin location /etc/hpcseg/site cannot be
-set for one test; that lookup is tested with a symlink in the test's folder), a CT segmented with a preset,
-every limit refused before submission (checked with squeue/qstat), `site validate` faults, and `doctor`.
+its own on the cluster's shared file system; for the preset/limits test the login node's admin location
+/etc/hpcseg/site points at it for that test only (a symlink, removed in finally), so the user profile holds only
+host, user and key; a CT segmented with a preset, every limit refused before submission (checked with
+squeue/qstat), `site validate` faults, and `doctor`. Other tests name the folder in the profile's `site` key.
 
 FAKEs used here, named as such: the `singularity` of tests/templates/fake-singularity (no container runtime
 exists on these machines), brought onto PATH by a folder with a `bin/activate` the way a venv does.
@@ -25,9 +25,11 @@ from click.testing import CliRunner
 from hpcseg.cli import main
 from hpcseg.config import Profile
 from hpcseg.phantoms import make_phantom
-from hpcseg.site import resolve
+from hpcseg.site import DEFAULT_LOCATIONS, resolve
 from hpcseg.ssh import SSHShell
 from tests.history import export_hpcseg
+
+ADMIN_SITE = DEFAULT_LOCATIONS[-1]  # /etc/hpcseg/site: the login node's admin location
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -123,14 +125,40 @@ def user_config(tmp_path, cluster, monkeypatch):
     node's host key in hpcseg's own known_hosts, as `hpcseg trust` leaves it."""
     Path(tmp_path / "known_hosts").write_text(Path(cluster.known_hosts).read_text())
 
-    def write(site: str, **more: str) -> Path:
+    def write(site: str | None, **more: str) -> Path:
         lines = ['default = "me"', "[profiles.me]", f'host = "{cluster.host}"', f'user = "{cluster.user}"',
-                 f'identity_file = "{cluster.key_path}"', f'site = "{site}"']
+                 f'identity_file = "{cluster.key_path}"']
+        if site is not None:  # None: the profile names no bundle; the login node's admin location is used
+            lines.append(f'site = "{site}"')
         lines += [f"{k} = {json.dumps(v)}" for k, v in more.items()]
         (tmp_path / "config.toml").write_text("\n".join(lines) + "\n")
         return tmp_path / "config.toml"
 
     return write
+
+
+@pytest.fixture
+def admin_location():
+    """Point the login node's admin location (/etc/hpcseg/site; the login node shares this machine's file system)
+    at a bundle for one test, as an admin's symlink does; removed afterwards. Refuses to replace a real one."""
+    link = Path(ADMIN_SITE)
+    made: list[Path] = []
+
+    def point(site: str) -> None:
+        if link.is_symlink() or link.exists():
+            pytest.fail(f"{link} exists on this machine already: not replacing an admin's bundle for a test")
+        if not link.parent.exists():
+            link.parent.mkdir(parents=True)
+            made.append(link.parent)
+        link.symlink_to(site)
+        made.insert(0, link)
+
+    yield point
+    for p in made:
+        if p.is_symlink():
+            p.unlink()
+        elif p.is_dir():
+            p.rmdir()
 
 
 def cli(*args: str):
@@ -161,9 +189,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("sched", ["slurm", "pbs"])
 def test_host_only_profile_segments_with_a_preset_and_limits_refuse_before_submission(
-        sched, cluster, shell, folder, user_config, tmp_path):
+        sched, cluster, shell, folder, user_config, tmp_path, admin_location):
     site = install(shell, folder, site_toml(cluster, sched, folder))
-    user_config(site)
+    admin_location(site)
+    profile_file = user_config(None)  # host, user and key: nothing else
+    assert "site" not in profile_file.read_text() and "preset" not in profile_file.read_text()
     work = f"{folder}/work"
 
     # config show --origin names the layer of each value

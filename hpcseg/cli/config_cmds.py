@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -12,6 +13,9 @@ from ..containers import RUNTIME_PROGRAM
 from ..errors import ConfigError, HpcsegError, UnknownHostKey
 from . import main
 from .common import Ctx, emit_json, json_option, pass_ctx
+
+if TYPE_CHECKING:
+    from ..shell import Shell
 
 
 @main.group()
@@ -112,8 +116,12 @@ def config_set(ctx: Ctx, key: str, value: str) -> None:
     click.echo(f"profiles.{name}.{key} = {getattr(cfg.profiles[name], key)!r}")
 
 
-def run_checks(prof: Profile) -> list[dict]:
-    """Connect and check the scheduler commands, the partition, the work dir, the image: ok or a fix each."""
+def run_checks(prof: Profile, shell: Shell | None = None) -> list[dict]:
+    """Connect and check the scheduler commands, the partition, the work dir, the image: ok or a fix each.
+
+    ``shell``: a connection already open for this profile (the one the site bundle was read over), so the
+    command logs in once; None opens one.
+    """
     from ..jobs import JobManager
 
     checks: list[dict] = []
@@ -128,7 +136,7 @@ def run_checks(prof: Profile) -> list[dict]:
     except ConfigError as exc:
         add("profile values", False, exc.message, exc.hint or "")
         return checks
-    jm = JobManager(prof)
+    jm = JobManager(prof, shell=shell)
     try:
         home = jm.shell.home()
         add("connect", True, f"{jm.shell.name} (home {home})")
@@ -164,7 +172,8 @@ def run_checks(prof: Profile) -> list[dict]:
 @pass_ctx
 def config_check(ctx: Ctx, as_json: bool) -> None:
     """Connect, find the scheduler commands, the partition, the work dir and the image; say what to fix."""
-    checks = run_checks(ctx.profile)
+    r = ctx.resolved  # read the site bundle over the connection the checks then use: one login
+    checks = run_checks(r.profile, shell=r.shell)
     if as_json:
         emit_json(checks)
     else:

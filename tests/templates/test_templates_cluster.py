@@ -116,7 +116,7 @@ def test_scancel_is_recorded_in_exit_code_and_usr2_in_ending(cluster, remote_bas
     prof = Profile(name="cluster", scheduler="slurm", host=cluster.host, partition=cluster.partition, cpus=1,
                    memory="100M", walltime="00:05:00", gpus=0, work_dir=remote_base)
     ctx = build_context(prof, template="run", job_dir=job_dir, work_dir=remote_base, job_name="tpl-cancel",
-                        params={"command": ["bash", "-c", "touch started; exec sleep 300"]})
+                        params={"command": ["bash", "-c", "touch running; exec sleep 300"]})
     (tmp_path / "job.sh").write_text(ENGINE.render("run.sh.j2", ctx))
     scp_to(cluster, tmp_path / "job.sh", f"{remote_base}/cancel.sh")
     job_id = ssh_ok(cluster, f"mkdir -p -- {q(job_dir)} && mv {q(remote_base + '/cancel.sh')} {q(job_dir + '/job.sh')}"
@@ -131,7 +131,7 @@ def test_scancel_is_recorded_in_exit_code_and_usr2_in_ending(cluster, remote_bas
             assert time.monotonic() < deadline, f"{name} never appeared for job {job_id}"
             time.sleep(0.3)
 
-    wait_file("started")
+    wait_file("running")  # the command's own mark (the job writes `started`)
     ssh_ok(cluster, f"scancel --batch --signal=USR2 {job_id}")
     assert wait_file("ending") == b"walltime\n"
     ssh_ok(cluster, f"scancel {job_id}")

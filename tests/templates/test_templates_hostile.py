@@ -209,10 +209,10 @@ def _wait_for(path, timeout=10.0):
 def test_sigterm_stops_the_command_and_records_143(tmp_path):
     """What scancel and the walltime do (SIGTERM, then SIGKILL after KillWait): the job records 143 at once."""
     job_dir, work = _job(tmp_path)
-    ctx = local_context("run", job_dir, work, {"command": ["bash", "-c", "touch started; exec sleep 60"]})
+    ctx = local_context("run", job_dir, work, {"command": ["bash", "-c", "touch running; exec sleep 60"]})
     (job_dir / "job.sh").write_text(ENGINE.render("run.sh.j2", ctx))
     proc = _start(job_dir / "job.sh")
-    _wait_for(job_dir / "started")
+    _wait_for(job_dir / "running")  # the command's own mark (the job writes `started`)
     t0 = time.monotonic()
     proc.terminate()
     assert proc.wait(timeout=10) == 143 and time.monotonic() - t0 < 5
@@ -221,10 +221,10 @@ def test_sigterm_stops_the_command_and_records_143(tmp_path):
 
 def test_usr2_notes_the_walltime_and_the_job_goes_on(tmp_path):
     job_dir, work = _job(tmp_path)
-    ctx = local_context("run", job_dir, work, {"command": ["bash", "-c", "touch started; sleep 1; exit 0"]})
+    ctx = local_context("run", job_dir, work, {"command": ["bash", "-c", "touch running; sleep 1; exit 0"]})
     (job_dir / "job.sh").write_text(ENGINE.render("run.sh.j2", ctx))
     proc = _start(job_dir / "job.sh")
-    _wait_for(job_dir / "started")
+    _wait_for(job_dir / "running")  # the command's own mark (the job writes `started`)
     proc.send_signal(12)  # SIGUSR2, as #SBATCH --signal=B:USR2@90 sends it
     assert proc.wait(timeout=10) == 0
     assert (job_dir / "ending").read_text() == "walltime\n" and (job_dir / "exit_code").read_text() == "0\n"

@@ -13,10 +13,8 @@ set -u
 export HPCSEG_JOB_DIR='/home/alice/My Work/.hpcseg/jobs/20240601-120000-run'
 export HPCSEG_CLIENT_VERSION=0.0.0+golden
 cd -- "$HPCSEG_JOB_DIR" || exit 1
-# A requeued job starts again in the same folder: forget the last run's ending. `started` (epoch seconds) lets the
-# client tell a walltime kill (SIGTERM after the walltime) from a cancel once the scheduler has forgotten the job.
+# A requeued job starts again in the same folder: forget the last run's ending.
 rm -f -- exit_code ending
-date +%s > started
 
 # exit_code is the last word on how this job ended once squeue/qstat have forgotten it: the job's exit status, or
 # 128+N when signal N stopped it (143: SIGTERM from scancel/qdel, or the walltime: Slurm sends SIGTERM and then,
@@ -66,6 +64,9 @@ _hpcseg_run() {
     _hpcseg_child=
     return "$rc"
 }
+# `started` (epoch seconds) lets the client tell a walltime kill (SIGTERM after the walltime) from a cancel once the
+# scheduler has forgotten the job. Written once the traps are set: a signal from then on always leaves exit_code.
+date +%s > started
 
 _hpcseg_cleanup() {
     :

@@ -345,6 +345,8 @@ async def _infer_tracked(rt: Runtime, request: Request, name: str, mdl: Any, img
         watch = _disconnect_watch(request, abandon, name)
 
     def work() -> Any:
+        if abandon is not None:
+            abandon.started = True
         with request_progress.reporting(entry.update):
             return mdl.infer(img, dict(p))
 
@@ -365,7 +367,10 @@ def _disconnect_watch(request: Request, abandon: guard.Abandon, name: str) -> Ca
             abandon.gone_since = time.monotonic()
             log.info("infer %s: the client disconnected; the inference stops at the next window boundary%s", name,
                      f" unless its retry comes within {abandon.grace:.0f} s" if abandon.grace else "")
-        if abandon.should_stop() and not abandon.total:  # not started yet (queued for the GPU): give up now
+        # Not started yet (queued for the GPU): give up now. Once its thread runs, the window check stops it (a
+        # thread cannot be stopped from here; `not abandon.total` was true while it still prepared the image,
+        # so the request gave up, said "before it started", and the thread held the slot until its first window)
+        if abandon.should_stop() and not abandon.started:
             raise guard.InferenceCancelled("cancelled before it started")
 
     return watch

@@ -203,6 +203,9 @@ class Abandon:
     waiters: int = 0
     done: int = 0
     total: int = 0
+    #: the inference's thread has begun (preparing the image, then windows): from then on it is stopped by this
+    #: callback at its next window, not given up by the waiting request (which would leave the thread running)
+    started: bool = False
 
     def __call__(self, done: int, total: int) -> None:
         self.done, self.total = done, total

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from tpl_support import canaries, hostile_nonempty, hostile_text, hostile_words, local_context, write_exe
 
@@ -314,24 +314,34 @@ def test_hostile_directive_values_from_the_site_are_treated_exactly_as_profile_v
     "venv": hostile_nonempty, "image": hostile_nonempty,
     "modules": st.lists(hostile_nonempty, max_size=3), "binds": st.lists(hostile_nonempty, max_size=3)}),
     runtime=st.sampled_from(["none", "singularity"]), sched=st.sampled_from(sorted(VARIANTS)))
+@example(values={"python": "0", "models_dir": "{a,b}", "datasets_dir": "0", "venv": "0", "image": "0", "modules": [],
+                 "binds": []}, runtime="singularity", sched="slurm")  # refused by the bundle, by server.sh.j2 only
 def test_hostile_body_values_from_the_site_keep_every_template_valid_bash(values, runtime, sched):
     scheduler, fields = VARIANTS[sched]
     defaults = dict(fields, scheduler=scheduler, container_runtime=runtime, **values)
     got = _site_profile({"defaults": defaults, "presets": {"p": {"gpus": 0 if scheduler == "local" else 1}}})
-    expected = _render_or_refuse(Profile(name="p", host="login", **defaults))
     if got is None:
-        assert expected is None
+        # the bundle checks its values against every template: the same values in a profile must be refused by
+        # at least one template too (e.g. a models_dir a runtime cannot bind is refused by server.sh.j2 only)
+        prof = Profile(name="p", host="login", **defaults)
+        assert any(_script_or_refuse(prof, name) is None for name in TEMPLATES), defaults
         return
     prof, _ = got
     prof.site = prof.preset = None
     for name in TEMPLATES:
-        try:
-            ctx = build_context(prof, template=name, job_dir="/w/j", work_dir="/w", job_name="j",
-                                params={"command": ["true"], "model": "m", "dataset": "d", "out_dir": "/o"},
-                                home="/home/u")
-        except (ConfigError, TemplateError):
-            continue  # refused (e.g. a bind path a runtime cannot take), as it is for a profile
-        assert check_script(ENGINE.render(name, ctx)) == []
+        script = _script_or_refuse(prof, name)
+        if script is not None:  # refused (e.g. a bind path a runtime cannot take), as it is for a profile
+            assert check_script(script) == []
+
+
+def _script_or_refuse(prof: Profile, name: str) -> str | None:
+    try:
+        ctx = build_context(prof, template=name, job_dir="/w/j", work_dir="/w", job_name="j",
+                            params={"command": ["true"], "model": "m", "dataset": "d", "out_dir": "/o"},
+                            home="/home/u")
+    except (ConfigError, TemplateError):
+        return None
+    return ENGINE.render(name, ctx)
 
 
 def test_server_command_line_from_hostile_site_values_reaches_the_program_word_for_word(tmp_path):

@@ -9,7 +9,9 @@ background), a label not annotated is unknown there.
 The loss (:func:`partial_label_loss`, the marginal loss of Shi et al., MedIA 2021): for a case that does not
 annotate some labels, their probabilities are merged into background before Dice + cross-entropy, so a voxel
 marked 0 may be background *or* any label the case leaves out, and predicting a left-out label there costs
-nothing. With every label annotated it is exactly MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``.
+nothing. With every label annotated and present it is exactly MONAI's ``DiceCELoss(to_onehot_y=True,
+softmax=True)``; the Dice term averages over the channels present in the case's truth (a crop without the liver
+says nothing about the liver's overlap; cross-entropy still punishes stray liver voxels).
 ``masked=False`` (a test-only switch: the ablation the promotion gate must catch) treats every case as fully
 annotated.
 
@@ -87,7 +89,13 @@ def partial_label_loss(logits: Any, target: Any, annotated: Any, masked: bool = 
         onehot = F.one_hot(t, len(kept)).movedim(-1, 0).to(prob.dtype)
         dims = tuple(range(1, prob.ndim))
         inter = (prob * onehot).sum(dims)
-        denom = prob.sum(dims) + onehot.sum(dims)
-        dice = 1.0 - ((2.0 * inter + 1e-5) / (denom + 1e-5)).mean()
+        truth = onehot.sum(dims)
+        denom = prob.sum(dims) + truth
+        # Dice over the channels present in this case's truth: a random crop without the liver would otherwise
+        # score 1 - 0/(sum of liver probabilities) ≈ 1 however little liver is predicted, and push the liver
+        # down everywhere (cross-entropy alone then says how wrong a stray liver voxel is)
+        present = truth > 0
+        present[0] = True
+        dice = 1.0 - ((2.0 * inter[present] + 1e-5) / (denom[present] + 1e-5)).mean()
         total = total + ce + dice
     return total / logits.shape[0]

@@ -59,15 +59,16 @@ def body_width_mm(seed: int) -> float:
     return float(np.random.default_rng([seed, 7]).uniform(*BODY_MM))
 
 
-def realistic_phantom(seed: int, shape_range: tuple[int, int] = (64, 320),
+def realistic_phantom(seed: int, fov_range: tuple[float, float] = (160.0, 520.0),
                       spacing_range: tuple[float, float] = (1.0, 2.5),
-                      noise_range: tuple[float, float] = (5.0, 20.0), max_fov_mm: float = 560.0,
+                      noise_range: tuple[float, float] = (5.0, 20.0),
+                      z_fov_range: tuple[float, float] = (120.0, 400.0),
                       ) -> tuple[sitk.Image, sitk.Image, dict[str, int]]:
     """A phantom at a realistic size with field of view, spacing, noise and centre drawn from ``seed``.
 
-    In-plane size and spacing are drawn from the ranges (the field of view capped at ``max_fov_mm``), slices
-    between 0.4 and 1 times the in-plane size at 1–2.5 times the in-plane spacing (at most 5 mm), and the field
-    of view's centre shifted by up to 10 % of the body width.
+    The in-plane field of view (mm) and spacing are drawn from the ranges (a 160 mm view cuts the torso, a
+    520 mm one has air around it), the axial extent from ``z_fov_range`` at 1–2.5 times the in-plane spacing (at
+    most 5 mm), and the view's centre is shifted by up to 10 % of the torso's width.
 
     Example::
 
@@ -75,10 +76,9 @@ def realistic_phantom(seed: int, shape_range: tuple[int, int] = (64, 320),
     """
     rng = np.random.default_rng([seed, 11])
     sp = float(rng.uniform(*spacing_range))
-    n = int(rng.integers(shape_range[0], shape_range[1] + 1))
-    n = min(n, int(max_fov_mm / sp))
+    n = max(16, round(float(rng.uniform(*fov_range)) / sp))
     sz = float(min(5.0, sp * rng.uniform(1.0, 2.5)))
-    nz = max(16, int(n * rng.uniform(0.4, 1.0) * sp / sz))
+    nz = max(16, round(float(rng.uniform(*z_fov_range)) / sz))
     width = body_width_mm(seed)
     centre = [float(c) for c in rng.uniform(-0.1, 0.1, 3) * width]
     shape, spacing = (n, n, nz), (sp, sp, sz)

@@ -58,7 +58,9 @@ BUILTINS: dict[str, dict[str, Any]] = {
                            "realistic sizes; a demonstration model for phantoms, not for patients.",
             "network": {"name": "UNet", "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 5,
                                                  "channels": [16, 32, 64, 128], "strides": [2, 2, 2],
-                                                 "num_res_units": 1}},
+                                                 "num_res_units": 1, "norm": "batch"}},
+            # Batch norm, not MONAI's default instance norm: a window of nothing but air (a wide field of view)
+            # has no variance to normalise by, and instance norm turns its noise into body and lungs.
             # A coarse grid: every input is seen at its physical size in voxels (a 300-450 mm torso is 100-150
             # voxels across), so the network need not learn scale, and a whole CT is a few windows.
             "spacing": [3.0, 3.0, 3.0], "roi_size": [48, 48, 48], "overlap": 0.25, "sw_batch_size": 1,
@@ -67,9 +69,9 @@ BUILTINS: dict[str, dict[str, Any]] = {
         },
         # Realistic phantoms (torso 300-450 mm wide, field of view, spacing, noise and centre drawn per seed);
         # validation seeds are never used for training.
-        "phantoms": {"train_seeds": list(range(0, 64)), "val_seeds": list(range(1000, 1004)),
-                     "realistic": {"shape_range": [48, 200], "spacing_range": [1.5, 3.5]}},
-        "epochs": 20, "lr": 3e-3, "batch_size": 2, "val_every": 5,
+        "phantoms": {"train_seeds": list(range(0, 96)), "val_seeds": list(range(1000, 1004)),
+                     "realistic": {"spacing_range": [1.5, 3.5]}},
+        "epochs": 60, "lr": 3e-3, "batch_size": 2, "val_every": 30,
         # The reference validation set kept with the model (reference.json): phantoms across sizes. The gate
         # compares every fine-tuned version with its base on these, label by label.
         "reference": {"phantoms": [
@@ -240,7 +242,8 @@ def train(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, epoch
             raise HpcsegError(f"{src}: only models with \"network\" + \"weights\" (a state_dict) can be trained")
         start_weights = src / manifest.weights
     epochs = int(epochs or recipe.get("epochs", 10))
-    lr = float(lr or recipe.get("lr", 1e-3))
+    # fine-tuning starts from a trained network: a gentler default step than training from scratch
+    lr = float(lr or recipe.get("lr", 1e-3 if start_weights is None else 3e-4))
     batch_size = int(batch_size or recipe.get("batch_size", 2))
     val_every = int(recipe.get("val_every", 1))
     dev = resolve_device(device)
@@ -268,7 +271,7 @@ def train(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, epoch
         log.info("%d training cases on the model's grid (%.0f s)", len(data), time.monotonic() - t0)
         roi = manifest.roi_size or [96, 96, 96]
         augment = Compose([SpatialPadd(["image", "label"], roi),
-                           RandCropByPosNegLabeld(["image", "label"], "label", roi, pos=2, neg=1, num_samples=1),
+                           RandCropByPosNegLabeld(["image", "label"], "label", roi, pos=3, neg=1, num_samples=1),
                            RandScaleIntensityd("image", 0.1, prob=0.5), RandShiftIntensityd("image", 0.05, prob=0.5)])
         augment.set_random_state(seed)
         net = build_network(manifest.network or {}).to(dev)

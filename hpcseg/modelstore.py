@@ -108,7 +108,7 @@ def evaluate(folder: Path, sets: dict[str, list[Any]], *, device: str = "auto") 
 
 def finetune(models_dir: Path, name: str, dataset: Path, *, epochs: int | None = None, force: bool = False,
              device: str = "auto", seed: int = 0, tolerance: float | None = None,
-             label_map: dict[str, str] | None = None, masked: bool = True) -> dict[str, Any]:
+             label_map: dict[str, str] | None = None, masked: bool = True, lr: float | None = None) -> dict[str, Any]:
     """Fine-tune the current version of ``name`` on ``dataset`` into a new version; promote it only if the gate
     (:func:`hpcseg.gate.decide`) finds no label worse by more than ``tolerance`` on the base version's reference
     set or the dataset's validation split. ``masked=False`` is the test-only ablation of :mod:`hpcseg.partial`."""
@@ -135,7 +135,7 @@ def finetune(models_dir: Path, name: str, dataset: Path, *, epochs: int | None =
                  len(sets["reference"]), name, base_manifest.version, len(sets["validation"]))
         before = evaluate(base, sets, device=device)
         metrics = train(base, dataset, root / version, epochs=epochs, device=device, seed=seed, version=version,
-                        label_map=label_map, masked=masked)
+                        label_map=label_map, masked=masked, lr=lr)
         after = evaluate(root / version, sets, device=device)
         write_reference(root / version, base, sets["validation"])
     finally:

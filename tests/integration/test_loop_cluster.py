@@ -18,6 +18,7 @@ from hpcseg.datasets import DatasetUploader
 from hpcseg.jobs import JobManager, JobStore
 from hpcseg.phantoms import make_phantom
 from hpcseg.schedulers import JobState
+from hpcseg.server.models import ModelManifest, builtin_models_dir
 from hpcseg.serverjobs import ServerConnection, stop_servers
 from hpcseg.ssh import SSHShell
 
@@ -33,8 +34,8 @@ def new_shell(cluster) -> SSHShell:
                     known_hosts=[cluster.known_hosts], interactive=False)
 
 
-def phantom_pair(tmp, seed, shape=(48, 48, 32)):
-    image, labels, _ = make_phantom(seed, shape=shape)
+def phantom_pair(tmp, seed, shape=(48, 48, 32), **kw):
+    image, labels, _ = make_phantom(seed, shape=shape, **kw)
     ip, mp = tmp / f"ct{seed}.nii.gz", tmp / f"seg{seed}.nii.gz"
     sitk.WriteImage(image, str(ip))
     sitk.WriteImage(labels, str(mp))
@@ -139,7 +140,8 @@ def test_upload_finetune_serve_new_version(cluster, tmp_path, sched):
     name = unique_name(f"loop-{sched}")
     up = DatasetUploader(jm.shell, jm.abs_path(jm.profile.datasets_path))
     for seed in (11, 12, 13, 14):
-        ip, mp = phantom_pair(tmp_path, seed, shape=(64, 64, 48))
+        # adult-size torsos on a coarse grid: what phantom-unet is trained on, small on the wire
+        ip, mp = phantom_pair(tmp_path, seed, shape=(112, 112, 48), spacing=(3.0, 3.0, 3.5), body_mm=330.0)
         assert up.upload(ip, mp, dataset=name, labels=LABELS, model_version="phantom-unet 1.0.0",
                          split="val" if seed == 14 else "train").status == "uploaded"
     rec = jm.submit("finetune", {"model": "phantom-unet", "epochs": 2, "force": True,
@@ -148,15 +150,19 @@ def test_upload_finetune_serve_new_version(cluster, tmp_path, sched):
     log = jm.logs(rec.job_id).get("job.out", "")
     assert st.state is JobState.COMPLETED, log[-3000:]
     assert "epoch 2/2" in log and "promoted" in log
+    # one validation case: the gate warns, and only --force promotes; the per-label table is in the job's log
+    assert "warning: only 1 validation case" in log and "forced despite: too few validation cases" in log
+    assert "reference  liver" in log and "validation body" in log
     root = jm.abs_path(models_dir)
-    assert jm.shell.run(["readlink", f"{root}/phantom-unet/current"]).stdout.strip() == "2"
-    metrics = json.loads(jm.shell.read_text(f"{root}/phantom-unet/2/metrics.json"))
+    new = str(int(ModelManifest.load(builtin_models_dir() / "phantom-unet").version.split(".")[0]) + 1)
+    assert jm.shell.run(["readlink", f"{root}/phantom-unet/current"]).stdout.strip() == new
+    metrics = json.loads(jm.shell.read_text(f"{root}/phantom-unet/{new}/metrics.json"))
     assert set(metrics["val_dice"]) == set(LABELS)
     if sched == "slurm":
         with ServerConnection(jm.profile, jobs=jm, timeout=300) as conn:
-            image, _, _ = make_phantom(99, shape=(48, 48, 32))
+            image, _, _ = make_phantom(99, shape=(96, 96, 40), spacing=(3.5, 3.5, 4.0), body_mm=320.0)
             res = conn.client.segment(image, model="phantom-unet")
-            assert res.model_version == "2"
+            assert res.model_version == new
         stop_servers(jm)
     jm.shell.run(["rm", "-rf", root.rsplit("/", 1)[0], f"{jm.abs_path(jm.profile.datasets_path)}/{name}"])
 

@@ -21,6 +21,7 @@ import requests
 
 from hpcseg import imaging
 from hpcseg.client import REQUEST_ID_HEADER, ServerClient
+from hpcseg.phantoms import make_phantom
 from hpcseg.server.models import builtin_models_dir
 
 from .conftest import TOKEN, running, standard_models  # noqa: F401
@@ -116,11 +117,19 @@ def test_connections_without_the_token_are_capped_and_timed_out(tmp_path):
         assert "no request with the token within 2 s" in srv.logs()
 
 
+@pytest.fixture(scope="module")
+def big_phantom():
+    """A torso of adult size: phantom-unet runs on a 3 mm grid, where the 64x64x48 phantom is a few windows."""
+    image, _, _ = make_phantom(3, shape=(256, 256, 100), spacing=(1.5, 1.5, 2.5), body_mm=330.0)
+    return image
+
+
 def _all_loaded(srv) -> None:
     _wait_for(lambda: "all models loaded" in srv.log_file.read_text(), 120, "loading every model")
 
 
-def test_a_client_that_hangs_up_cancels_its_long_inference(tmp_path, phantom):
+def test_a_client_that_hangs_up_cancels_its_long_inference(tmp_path, big_phantom):
+    phantom = big_phantom
     """The client leaves after 3 s whatever the server is doing by then (reading the upload, preparing the image,
     in the windows): the inference stops at its next window (120 s is only a bound for "it happens at all")."""
     with running(tmp_path / "run", builtin_models_dir()) as srv:
@@ -141,7 +150,8 @@ def test_a_client_that_hangs_up_cancels_its_long_inference(tmp_path, phantom):
             assert c.segment(phantom, "phantom-unet", params={"roi_size": [64, 64, 48]}).mask is not None
 
 
-def test_a_retried_inference_runs_once(tmp_path, phantom):
+def test_a_retried_inference_runs_once(tmp_path, big_phantom):
+    phantom = big_phantom
     with running(tmp_path / "run", builtin_models_dir()) as srv:
         _all_loaded(srv)
         body, ctype = _infer_body(phantom, SHORT)

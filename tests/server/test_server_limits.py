@@ -129,9 +129,9 @@ def _all_loaded(srv) -> None:
 
 
 def test_a_client_that_hangs_up_cancels_its_long_inference(tmp_path, big_phantom):
-    phantom = big_phantom
     """The client leaves after 3 s whatever the server is doing by then (reading the upload, preparing the image,
     in the windows): the inference stops at its next window (120 s is only a bound for "it happens at all")."""
+    phantom = big_phantom
     with running(tmp_path / "run", builtin_models_dir()) as srv:
         _all_loaded(srv)
         body, ctype = _infer_body(phantom, LONG)

@@ -198,6 +198,26 @@ def _node(text: str) -> str:
     return m.group(1) + (m.group(2) or "") + (m.group(3) or "") if m else text
 
 
+
+def _sacct_status(job_id: str, cells: list[str], what: str) -> JobStatus:
+    """One sacct row (JobID, State, ExitCode, Start, End, NodeList, Reason) of a job or array task that squeue no
+    longer shows."""
+    _, state, exit_pair, start, end, nodes, reason = cells
+    # sacct's Reason is the last reason the job *waited* (man sacct): for an ended job it misleads
+    ended = _STATES.get(state.split()[0] if state.strip() else "", (JobState.UNKNOWN, ""))[0].terminal
+    st = _status(job_id, state, "" if ended else reason, "sacct")
+    st.node = _node(nodes)
+    st.start_time = _time(start)
+    if st.state.terminal:
+        st.end_time = _time(end)
+        st.exit_code, st.signal = _exit_from_pair(exit_pair)
+    elif st.state is not JobState.UNKNOWN:
+        # squeue answered without it, so slurmctld does not hold it: a record the database never closed
+        # (e.g. slurmctld lost its state). Waiting on it would never end.
+        st.reason = f"accounting still says {st.native_state}, but slurmctld no longer knows the {what}"
+        st.state = JobState.LOST
+    return st
+
 def _status(job_id: str, state_text: str, reason: str, source: str) -> JobStatus:
     native = state_text.split()[0] if state_text.strip() else ""  # sacct: "CANCELLED by 1234"
     state, phrase = _STATES.get(native, (JobState.UNKNOWN, f"unrecognised Slurm state {native!r}"))
@@ -343,18 +363,7 @@ class SlurmArrays:
             cells = single.get(i) or ranged.get(i)
             if i in out or cells is None:
                 continue
-            _, state, exit_pair, start, end, nodes, reason = cells
-            ended = _STATES.get(state.split()[0] if state.strip() else "", (JobState.UNKNOWN, ""))[0].terminal
-            st = _status(f"{array_id}_{i}", state, "" if ended else reason, "sacct")
-            st.node = _node(nodes)
-            st.start_time = _time(start)
-            if st.state.terminal:
-                st.end_time = _time(end)
-                st.exit_code, st.signal = _exit_from_pair(exit_pair)
-            elif st.state is not JobState.UNKNOWN:
-                st.reason = f"accounting still says {st.native_state}, but slurmctld no longer knows the task"
-                st.state = JobState.LOST
-            out[i] = st
+            out[i] = _sacct_status(f"{array_id}_{i}", cells, "task")
         return array_statuses(size, out, JobStatus(array_id, JobState.LOST, source="sacct",
                                                    reason="neither squeue nor sacct knows this task"))
 
@@ -487,21 +496,7 @@ class Slurm(SlurmArrays, Scheduler):
                 out[job_id] = JobStatus(job_id, JobState.LOST, reason="neither squeue nor sacct knows this job",
                                         source="sacct")
                 continue
-            _, state, exit_pair, start, end, nodes, reason = cells
-            # sacct's Reason is the last reason the job *waited* (man sacct): for an ended job it misleads
-            ended = _STATES.get(state.split()[0] if state.strip() else "", (JobState.UNKNOWN, ""))[0].terminal
-            st = _status(job_id, state, "" if ended else reason, "sacct")
-            st.node = _node(nodes)
-            st.start_time = _time(start)
-            if st.state.terminal:
-                st.end_time = _time(end)
-                st.exit_code, st.signal = _exit_from_pair(exit_pair)
-            elif st.state is not JobState.UNKNOWN:
-                # squeue answered without it, so slurmctld does not hold it: a record the database never closed
-                # (e.g. slurmctld lost its state). Waiting on it would never end.
-                st.reason = f"accounting still says {st.native_state}, but slurmctld no longer knows the job"
-                st.state = JobState.LOST
-            out[job_id] = st
+            out[job_id] = _sacct_status(job_id, cells, "job")
         return out
 
     def cancel_command(self, job_ids: Sequence[str]) -> Command:

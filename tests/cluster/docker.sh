@@ -53,7 +53,8 @@ start() {
   if "$DOCKER" info >/dev/null 2>&1; then log "an engine not started by this script answers: using it"; return 0; fi
   log "starting dockerd (log: $LOGFILE)"
   # setsid: the engine outlives this script and the test session that called it.
-  setsid /usr/sbin/dockerd --pidfile "$DOCKER_STATE/engine.pid" >>"$LOGFILE" 2>&1 < /dev/null &
+  # 9>&-: never hand a caller's lock (image.sh's flock on fd 9) to the daemon, which would hold it for its life
+  setsid /usr/sbin/dockerd --pidfile "$DOCKER_STATE/engine.pid" >>"$LOGFILE" 2>&1 < /dev/null 9>&- &
   echo $! >"$PIDFILE"
   local i
   for i in $(seq 1 120); do

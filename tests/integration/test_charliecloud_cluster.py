@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 from hpcseg.cli import main
 from hpcseg.phantoms import make_phantom
+from hpcseg.server.models import ModelManifest, builtin_models_dir
 from tests.cluster.harness import run_as_user
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -138,7 +139,8 @@ def test_segment_in_the_image_under_ch_run(cluster, ch_image, tmp_path, sched):
 
 def test_finetune_in_the_image_then_serve_the_new_version(cluster, ch_image, tmp_path):
     """Upload 4 phantom pairs, fine-tune phantom-unet in a PBS job inside the image, then a Slurm server job in the
-    same image serves version 2 (``hpcseg models`` lists it, through ch-run on the login node)."""
+    same image serves the new version (the built-in's major + 1; ``hpcseg models`` lists it, through ch-run on the
+    login node)."""
     root = f"~/hpcseg-ch-{os.getpid()}-{int(time.time())}"
     dataset = "chloop"
     pbs = make_cli(cluster, ch_image, "pbs", models_dir=f"{root}/models", datasets_dir=f"{root}/datasets",
@@ -159,14 +161,15 @@ def test_finetune_in_the_image_then_serve_the_new_version(cluster, ch_image, tmp
         job_sh = run_as_user(cluster, ["cat", f"{rec['job_dir']}/job.sh"]).stdout
         assert f"exec ch-run --home --set-env -b {cluster.home}/.hpcseg" in job_sh
         assert "-m hpcseg.modelstore finetune" in job_sh
+        new = str(int(ModelManifest.load(builtin_models_dir() / "phantom-unet").version.split(".")[0]) + 1)
         models = {m["name"]: m for m in json.loads(pbs("models", "--json").stdout)}
-        assert models["phantom-unet"]["current"] == "2"
+        assert models["phantom-unet"]["current"] == new
         slurm = make_cli(cluster, ch_image, "slurm", models_dir=f"{root}/models", datasets_dir=f"{root}/datasets")
         ip, out = tmp_path / "new.nii.gz", tmp_path / "new-seg.nii.gz"
         sitk.WriteImage(make_phantom(99, shape=(48, 48, 32))[0], str(ip))
         res = json.loads(slurm("segment", str(ip), "-o", str(out), "--model", "phantom-unet", "--timeout", "600",
                                "--json").stdout)
-        assert res["model_version"] == "2"
+        assert res["model_version"] == new
         slurm("stop")
     finally:
         run_as_user(cluster, ["rm", "-rf", root.replace("~", cluster.home, 1)])

@@ -218,7 +218,8 @@ def test_host_only_profile_segments_with_a_preset_and_limits_refuse_before_submi
     assert queued_in(shell, sched, work) == []
 
     # a CT segmented with a preset (the server job starts through the site's defaults and the preset)
-    image, truth, names = make_phantom(4242, shape=(64, 64, 48), spacing=(1.5, 1.5, 2.0))
+    # an adult-size torso, as phantom-unet 2.0.0 is trained on (test_segment_cluster.py uses the same)
+    image, truth, names = make_phantom(4242, shape=(112, 112, 48), spacing=(3.0, 3.0, 3.5), body_mm=320.0)
     sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
     try:
         r = cli("--preset", "gpu-small", "segment", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "mask.nii.gz"),

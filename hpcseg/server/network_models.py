@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import threading
 import warnings
 import zipfile
@@ -33,6 +34,8 @@ from hpcseg.errors import ModelLoadError
 from hpcseg.server.foldercode import folder_imports, import_attr
 from hpcseg.server.inference import segment
 from hpcseg.server.modelbase import Model, bad_request, resolve_device
+
+log = logging.getLogger("hpcseg.server.models")
 
 
 def is_torchscript(path: Path) -> bool:
@@ -136,9 +139,37 @@ class TorchModel(Model):
                 roi = list(self.manifest.roi_size or [96, 96, 96])
                 weights = self.folder / self.manifest.weights if self.manifest.weights else None
                 spec = {"network": self.manifest.network, "weights": self.manifest.weights}
-                ov = self._openvino = cpu_runtime.OpenVinoPredictor.for_model(
-                    _FirstOutput(net, self._logits), weights, spec, (1, 1, *roi))
-        return ov
+                try:
+                    ov = self._openvino = cpu_runtime.OpenVinoPredictor.for_model(
+                        _FirstOutput(net, self._logits), weights, spec, (1, 1, *roi))
+                except Exception as exc:  # a network OpenVINO cannot convert (e.g. SwinUNETR's reshapes)
+                    if str(self.manifest.extra.get("runtime", "auto")).lower() == "openvino":
+                        raise  # asked for by name: say so, do not serve something else
+                    log.warning("model %s: OpenVINO cannot run this network (%s: %s); serving it with torch",
+                                self.manifest.name, type(exc).__name__, str(exc).splitlines()[0][:200])
+                    ov = self._openvino = False
+        if ov is False:
+            return cpu_runtime.torch_predictor(net, self._logits)
+        if str(self.manifest.extra.get("runtime", "auto")).lower() == "openvino":
+            return ov
+        return self._torch_if_openvino_fails(ov, cpu_runtime.torch_predictor(net, self._logits))
+
+    def _torch_if_openvino_fails(self, ov, torch_pred):
+        """Chosen automatically, OpenVINO must not cost a model its service: a network it converts but cannot
+        run (SwinUNETR's reshapes fail at the first window) is served with torch from then on."""
+
+        def predict(x):
+            current = getattr(self, "_openvino", None)
+            if current:
+                try:
+                    return current(x)
+                except Exception as exc:
+                    log.warning("model %s: OpenVINO cannot run this network (%s: %s); serving it with torch",
+                                self.manifest.name, type(exc).__name__, str(exc).splitlines()[0][:200])
+                    self._openvino = False
+            return torch_pred(x)
+
+        return predict
 
     def weights_path(self) -> Path:
         if not self.manifest.weights:

@@ -47,8 +47,9 @@ def test_plain_lines_now_and_then_and_at_the_end_of_each_phase():
 
 def test_a_long_request_shows_progress_lines_in_a_log_and_a_reused_server_no_loading_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HPCSEG_PROGRESS_INTERVAL", "0.5")
+    monkeypatch.setenv("HPCSEG_CPU_RUNTIME", "torch")  # long enough to report progress
     # phantom-unet (roi 64x64x48 at 1.5x1.5x2 mm) over 288x288x160 mm: about a hundred windows, seconds of CPU
-    image, _, _ = make_phantom(4, shape=(192, 192, 80), spacing=(1.5, 1.5, 2.0))
+    image, _, _ = make_phantom(4, shape=(288, 288, 160), spacing=(1.5, 1.5, 2.0))
     src = tmp_path / "ct.nii.gz"
     sitk.WriteImage(image, str(src))
     runner = CliRunner()

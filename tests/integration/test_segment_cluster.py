@@ -3,7 +3,9 @@ reached through an SSH tunnel via the login node, segmenting a synthetic CT with
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -154,31 +156,54 @@ def test_tunnel_survives_a_dropped_ssh_connection(server):
     assert server.jobs.shell.transport is not before and server.jobs.shell.transport.is_active()
 
 
+SLOW_MODEL = '''
+import os, time
+from hpcseg.server.classical_models import CTBodyModel
+
+
+class SlowCTBody(CTBodyModel):
+    """ct-body that marks when an inference begins, then takes a minute: so a job can be cancelled mid-request."""
+
+    def infer(self, image, params):
+        open(os.path.join(os.path.dirname(__file__), "started"), "w").close()
+        time.sleep(60)
+        return super().infer(image, params)
+'''
+
+
 def test_cancel_during_request_fails_fast_and_idle_server_ends(cluster, tmp_path):
-    jm = new_jobs(cluster, tmp_path, "slurm", idle_timeout=600)
+    shell = new_jobs(cluster, tmp_path, "slurm").shell
+    home = shell.run("pwd").stdout.strip()
+    models = f"{home}/cancel-test-models-{tmp_path.name}"  # its own models_dir: no other test sees this model
+    shell.write_text(f"{models}/slow-ct/slowct.py", SLOW_MODEL)
+    shell.write_text(f"{models}/slow-ct/hpcseg-model.json", json.dumps({
+        "name": "slow-ct", "version": "1.0.0", "type": "segmentation", "labels": {"body": 1, "lungs": 2, "bone": 3},
+        "loader": "slowct:SlowCTBody", "extra": {"expect": {"modality": "CT"}}}))
+    jm = new_jobs(cluster, tmp_path, "slurm", idle_timeout=600, models_dir=models)
     conn = ServerConnection(jm.profile, jobs=jm, timeout=300).open()
-    image, _, _ = make_phantom(9, shape=(256, 256, 160))
+    image, _, _ = make_phantom(9, shape=(64, 64, 48))
     err: list[Exception] = []
     done = threading.Event()
 
     def long_request():
         try:
-            conn.client.segment(image, model="phantom-unet")
+            conn.client.segment(image, model="slow-ct")
         except Exception as exc:
             err.append(exc)
         done.set()
 
     t = threading.Thread(target=long_request, daemon=True)
     t.start()
-    # Cancel once the server is busy with the request.
-    jm.wait(conn.record.job_id, lambda s: s.state is JobState.RUNNING, timeout=60)
-    import time
-
-    time.sleep(2)
+    # Cancel once the server is busy with the request (the model has begun its inference).
+    deadline = time.monotonic() + 60
+    while shell.read_text(f"{models}/slow-ct/started") is None:
+        assert time.monotonic() < deadline and not done.is_set(), ("the inference never began", err)
+        time.sleep(0.5)
     jm.cancel([conn.record.job_id])
-    assert done.wait(60), "the client hung after the job was cancelled"
+    assert done.wait(40), "the client hung after the job was cancelled"  # the model alone would take 60 s
     assert err and isinstance(err[0], ServerError), err
     conn.close()
+    shell.run(f"rm -rf {models}")
 
     idle = new_jobs(cluster, tmp_path, "slurm", idle_timeout=5)
     conn = ServerConnection(idle.profile, jobs=idle, timeout=300).open()

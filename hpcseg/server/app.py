@@ -252,6 +252,10 @@ def _add_routes(app: FastAPI, rt: Runtime) -> None:
             answer = await _replayed(rt, request, key, replay, fingerprint, model)
             if answer is not None:
                 return answer
+        if key and rt.replays.answered(key):
+            log.warning("infer %s request=%s: a late copy of a request already answered; not run again", model, key[:8])
+            raise HTTPException(409, f"request id {key} was already answered and its result is no longer kept: "
+                                     "send the request again with a new X-HPCSeg-Request-Id")
         abandon = guard.Abandon(grace=settings.retry_grace if key else 0.0)
         if key:
             rt.replays.start(key, fingerprint, abandon)

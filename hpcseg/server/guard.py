@@ -229,19 +229,34 @@ class Replay:
 
 
 class Replays:
-    """Keyed inferences, running or finished within ``keep`` seconds (at most ``size`` finished ones kept)."""
+    """Keyed inferences, running or finished within ``keep`` seconds (at most ``size`` finished ones kept).
 
-    def __init__(self, keep: float = 600.0, size: int = 16) -> None:
+    A finished inference's answer (a mask, possibly large) is kept for at most ``size`` requests; its key alone is
+    remembered far longer (``remember`` seconds, at most ``remember_size`` keys): a copy of the request that comes
+    after its answer was dropped (bytes held back by a blackholed link and delivered when it heals, seconds after the
+    client got its answer through the retry) is refused (:meth:`answered`), never run a second time.
+    """
+
+    def __init__(self, keep: float = 600.0, size: int = 16, remember: float = 86400.0,
+                 remember_size: int = 100_000) -> None:
         self.keep, self.size = keep, size
+        self.remember, self.remember_size = remember, remember_size
         self._items: OrderedDict[str, Replay] = OrderedDict()
+        self._answered: OrderedDict[str, float] = OrderedDict()  # key -> when it finished (answer dropped)
 
     def get(self, key: str) -> Replay | None:
         self._purge()
         return self._items.get(key)
 
+    def answered(self, key: str) -> bool:
+        """Whether ``key`` finished earlier and its answer is no longer kept."""
+        self._purge()
+        return key in self._answered
+
     def start(self, key: str, fingerprint: tuple, abandon: Abandon) -> Replay:
         item = Replay(fingerprint, asyncio.get_running_loop().create_future(), abandon)
         self._items[key] = item
+        self._answered.pop(key, None)
         return item
 
     def finish(self, key: str, result: Any) -> None:
@@ -261,10 +276,14 @@ class Replays:
     def _purge(self) -> None:
         now = time.monotonic()
         done = [k for k, v in self._items.items() if v.finished is not None]
-        for k in done[: max(0, len(done) - self.size)]:
-            del self._items[k]
-        for k in [k for k, v in self._items.items() if v.finished is not None and now - v.finished > self.keep]:
-            del self._items[k]
+        old = {k for k in done[: max(0, len(done) - self.size)]}
+        old |= {k for k in done if now - (self._items[k].finished or now) > self.keep}
+        for k in done:
+            if k in old:
+                self._answered[k] = self._items.pop(k).finished or now
+        while self._answered and (len(self._answered) > self.remember_size
+                                  or now - next(iter(self._answered.values())) > self.remember):
+            self._answered.popitem(last=False)
 
 
 def request_id(scope: Scope) -> str:

@@ -44,6 +44,7 @@ class SoakCounts:
     logins: int = 0  # SSH logins after the first one
     retried: int = 0  # requests the client sent a second time after a lost connection
     ran_twice: int = 0  # keyed inferences the server ran more than once
+    late_copies: int = 0  # copies of answered requests that arrived late (held by a fault) and were refused
     inferences_logged: int = 0
     slowest: float = 0.0
     by_kind: Counter = field(default_factory=Counter)
@@ -59,7 +60,8 @@ class SoakCounts:
             f"ok {self.ok}, failed {len(self.failed)}, hangs {self.hangs}, wrong masks {self.wrong_masks}",
             f"faults: {self.kills} session kills, {self.blackholes} silent blackholes, {self.sshd_restarts} sshd "
             f"restarts; re-logins {self.logins} for {self.drops} drops; requests sent again {self.retried}",
-            f"server: {self.inferences_logged} keyed inferences logged, {self.ran_twice} ran more than once; "
+            f"server: {self.inferences_logged} keyed inferences logged, {self.ran_twice} ran more than once, "
+            f"{self.late_copies} late copies of answered requests refused; "
             f"slowest request {self.slowest:.1f} s",
             *(f"  failed: {f}" for f in self.failed[:10]),
         ]
@@ -197,4 +199,6 @@ def run_soak(conn, cluster, *, duration: float, kill_every: tuple[float, float] 
     seen_keys.update(runs)
     counts.inferences_logged = sum(runs.values())
     counts.ran_twice = sum(1 for n in runs.values() if n > 1)
+    late = re.findall(r"request=([0-9a-f]{8}): a late copy of a request already answered", log)
+    counts.late_copies = sum(1 for k in late if k in runs)
     return counts

@@ -189,6 +189,31 @@ def test_a_retried_inference_runs_once(tmp_path, big_phantom):
         assert other.status_code == 409  # the same key for another request is refused
 
 
+def test_a_late_copy_of_an_answered_request_is_refused_not_run_again(tmp_path):
+    """The soak's case: bytes of a first try held back by a blackholed link reach the server when it heals, after
+    the retry was answered and more requests than the server keeps answers for came in between."""
+    small, _, _ = make_phantom(3, shape=(32, 32, 24))
+    with running(tmp_path / "run", builtin_models_dir()) as srv:
+        _all_loaded(srv)
+        body, ctype = _infer_body(small, {})
+        url = f"{srv.url}/infer/ct-body?output=image"
+        auth = {"Authorization": f"Bearer {srv.token}", "Content-Type": ctype}
+
+        def post(key: str) -> requests.Response:
+            return requests.post(url, data=body, headers={**auth, REQUEST_ID_HEADER: key}, timeout=(5, 120),
+                                 proxies={"http": None})
+
+        key = uuid.uuid4().hex
+        assert post(key).status_code == 200
+        for _ in range(17):  # the server keeps the answers of the last 16 keyed requests
+            assert post(uuid.uuid4().hex).status_code == 200
+        late = post(key)
+        assert late.status_code == 409 and "already answered" in late.json()["detail"], late.text
+        logs = srv.log_file.read_text()
+        assert len(re.findall(rf"infer ct-body v\S+ request={key[:8]}:", logs)) == 1, logs
+        assert f"request={key[:8]}: a late copy of a request already answered; not run again" in logs
+
+
 class _DroppingProxy:
     """A real TCP proxy in front of the server that drops the first inference's answer: it forwards the request,
     then closes the client's connection when the answer starts (as a lost SSH connection does)."""

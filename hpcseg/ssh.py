@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0
 KEEPALIVE = 15.0  # seconds between liveness probes, and the most a probe waits for its answer
 RECONNECT_FOR = 15.0  # seconds a re-login after a drop keeps trying a refused or timed-out connect
+RELOGIN_BACKOFF = 10.0  # seconds after a re-login failed for good during which a new one fails at once, same error
 KEEPALIVE_REQUEST = "keepalive@openssh.com"  # OpenSSH's own; any server answers an unknown one with a failure
 CODE_TRIES = 3  # keyboard-interactive rounds a person gets for a one-time code (OpenSSH's NumberOfPasswordPrompts)
 _GCM_FIRST = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr", "aes192-ctr")
@@ -150,6 +151,7 @@ class SSHShell:
         self._keepalive = keepalive
         self.logins = 0  # connections opened (a re-login after a drop counts again): for tests and the soak bench
         self.drops = 0  # connections found dead (no keepalive answer, a reset, a channel open that timed out)
+        self._relogin_failed: tuple[float, ConnectionFailed] | None = None  # when and why the last re-login failed
         self._prompt = prompt or _tty_prompt
         self._transport: paramiko.Transport | None = None
         self._jump: SSHShell | None = None
@@ -186,6 +188,11 @@ class SSHShell:
     def _reconnect(self) -> paramiko.Transport:
         """Log in again after a drop: a refused or timed-out connect (sshd restarting, the network coming back)
         is tried again for up to ``RECONNECT_FOR`` seconds; a refused key or host key is not."""
+        # The network is gone (each try waits out a connect timeout): every request and channel would wait as long
+        # again; for RELOGIN_BACKOFF seconds after a re-login failed for good, fail at once with the same error.
+        if self._relogin_failed is not None and time.monotonic() - self._relogin_failed[0] < RELOGIN_BACKOFF:
+            raise self._relogin_failed[1]
+        self._relogin_failed = None
         deadline = time.monotonic() + RECONNECT_FOR
         delay = 0.25
         while True:
@@ -195,6 +202,7 @@ class SSHShell:
                 raise
             except ConnectionFailed as exc:
                 if not exc.retryable or time.monotonic() + delay > deadline:
+                    self._relogin_failed = (time.monotonic(), exc)
                     raise
                 log.info("logging in to %s again failed (%s); trying again in %.2f s", self.name, exc.message, delay)
                 time.sleep(delay)

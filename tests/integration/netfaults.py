@@ -59,6 +59,23 @@ def blackhole(cluster, port: int) -> Iterator[None]:
             subprocess.run(["iptables", "-D", *rule], capture_output=True)
 
 
+@contextlib.contextmanager
+def blackhole_login(cluster) -> Iterator[None]:
+    """Silently drop every packet between this machine and the login sshd, new connections too (the network is
+    gone, as on a train): no re-login can succeed while inside."""
+    rules = [["OUTPUT", "-p", "tcp", "-d", cluster.host, "--dport", str(cluster.port), "-j", "DROP"],
+             ["INPUT", "-p", "tcp", "-s", cluster.host, "--sport", str(cluster.port), "-j", "DROP"]]
+    added: list[list[str]] = []
+    try:
+        for rule in rules:
+            subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True)
+            added.append(rule)
+        yield
+    finally:
+        for rule in added:
+            subprocess.run(["iptables", "-D", *rule], capture_output=True)
+
+
 def session_pids(port: int) -> list[int]:
     """Pids of the login sshd processes that hold the connection coming from client port ``port``."""
     out = subprocess.run(["ip", "netns", "exec", LOGIN_NS, "ss", "-tnpH", "state", "established",

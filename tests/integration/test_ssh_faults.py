@@ -100,3 +100,35 @@ def test_a_request_to_a_server_that_ended_names_that_cause(cluster):
             tunnel.close()
         assert err.value.message == f"server job ended: nothing listens on 127.0.0.1:{port} any more"
         assert "hpcseg jobs" in (err.value.hint or "")
+
+
+def test_a_request_when_the_network_is_gone_names_the_lost_ssh_connection(cluster, iptables):
+    """The connection dies silently and a new login cannot get through either: the request fails within bounded
+    time, and the message names the lost SSH connection (not "the server went away")."""
+    from hpcseg.client import ServerClient
+    from hpcseg.errors import ServerError
+    from hpcseg.tunnel import Tunnel
+
+    with shell(cluster, keepalive=1.0) as sh:
+        # a stand-in HTTP server on the login node, up for the whole test
+        port = int(sh.run("python3 -c 'import socket; s=socket.socket(); s.bind((\"127.0.0.1\", 0)); "
+                          "print(s.getsockname()[1])'", check=True).stdout)
+        sh.run(f"cd /tmp && nohup timeout 120 python3 -m http.server --bind 127.0.0.1 {port} >/dev/null 2>&1 & "
+               "sleep 1", check=True)
+        tunnel = Tunnel(sh, "127.0.0.1", port)
+        local = tunnel.start()
+        client = ServerClient(f"http://127.0.0.1:{local}", "t" * 20, diagnose=tunnel.cause)
+        try:
+            import requests
+
+            assert requests.get(f"http://127.0.0.1:{local}/", timeout=10, proxies={"http": None}).ok  # through it
+            t0 = time.monotonic()
+            with netfaults.blackhole_login(cluster), pytest.raises(ServerError) as err:
+                client.health()
+            took = time.monotonic() - t0
+        finally:
+            tunnel.close()
+        print(f"failed after {took:.1f} s: {err.value.message} ({err.value.hint})")
+        assert "SSH connection to the login node" in err.value.message and "lost" in err.value.message, err.value
+        assert "network" in (err.value.hint or "")
+        assert took < 60, took  # bounded: one re-login that times out (twice 10 s), then the same error at once

@@ -85,11 +85,13 @@ def test_wrong_key_is_refused(cluster):
     assert res.returncode == 255 and "Permission denied" in res.stderr
 
 
-def test_sbatch_hostname_runs_on_compute1(cluster, workdir):
-    job_id = sbatch(cluster, "-o", f"{workdir}/%j.out", "--wrap", "hostname")
+@pytest.mark.parametrize("node", ["compute1", "compute2"])
+def test_sbatch_hostname_runs_on_each_compute_node(cluster, workdir, node):
+    assert node in cluster.compute_nodes
+    job_id = sbatch(cluster, "-w", node, "-o", f"{workdir}/%j.out", "--wrap", "hostname")
     state, code = wait_finished(cluster, job_id)
     assert (state, code) == ("COMPLETED", "0:0")
-    assert ssh_ok(cluster, f"cat {workdir}/{job_id}.out").strip() == cluster.compute_node
+    assert ssh_ok(cluster, f"cat {workdir}/{job_id}.out").strip() == node
 
 
 def test_gpu_job_sees_cuda_visible_devices(cluster, workdir):
@@ -107,7 +109,7 @@ def test_qsub_runs_a_tiny_script(cluster, workdir):
     assert job_id.isdigit(), out
     assert wait_finished(cluster, job_id)[0] == "COMPLETED"
     lines = ssh_ok(cluster, f"cat {workdir}/tiny.out").split()
-    assert lines[0] == cluster.compute_node and f"PBS_JOBID={job_id}" in lines
+    assert lines[0] in cluster.compute_nodes and f"PBS_JOBID={job_id}" in lines
 
 
 def test_sacct_lists_a_finished_job(cluster, workdir):
@@ -118,9 +120,11 @@ def test_sacct_lists_a_finished_job(cluster, workdir):
     assert f"{job_id}|FAILED|3:0|{cluster.account}|{cluster.user}" in out.splitlines()
 
 
-def test_compute_node_unreachable_from_client(cluster):
-    with pytest.raises(OSError):
-        socket.create_connection((cluster.compute_ip, 6818), timeout=3).close()
+def test_compute_nodes_unreachable_from_client(cluster):
+    assert len(cluster.compute_ips) == 2
+    for ip in cluster.compute_ips.values():
+        with pytest.raises(OSError):
+            socket.create_connection((ip, 6818), timeout=3).close()
 
 
 def _free_local_port() -> int:
@@ -144,19 +148,21 @@ wait $pid
 """
 
 
-def test_http_server_on_compute_reachable_only_through_login(cluster, workdir):
+@pytest.mark.parametrize("node", ["compute1", "compute2"])
+def test_http_server_on_compute_reachable_only_through_login(cluster, workdir, node):
     ssh_ok(cluster, f"cat > {workdir}/serve.sh", input=HTTP_JOB)
-    job_id = sbatch(cluster, "-o", f"{workdir}/job.out", "-t", "10", "--wrap", f"bash {workdir}/serve.sh {workdir}")
+    job_id = sbatch(cluster, "-w", node, "-o", f"{workdir}/job.out", "-t", "10", "--wrap",
+                    f"bash {workdir}/serve.sh {workdir}")
     tunnel = None
     try:
         port = int(wait_for_file(cluster, f"{workdir}/port").strip())
         # no route from the client's namespace to the compute node
         with pytest.raises(OSError):
-            socket.create_connection((cluster.compute_ip, port), timeout=3).close()
+            socket.create_connection((cluster.compute_ips[node], port), timeout=3).close()
         local = _free_local_port()
         tunnel = subprocess.Popen(
             cluster.ssh_argv(options=("-N", "-o", "ExitOnForwardFailure=yes",
-                                       "-L", f"127.0.0.1:{local}:{cluster.compute_node}:{port}")),
+                                       "-L", f"127.0.0.1:{local}:{node}:{port}")),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         deadline = time.monotonic() + 30
@@ -169,7 +175,7 @@ def test_http_server_on_compute_reachable_only_through_login(cluster, workdir):
             except OSError:
                 time.sleep(0.2)
         assert tunnel.poll() is None, f"ssh -L exited: {tunnel.stderr.read()}"
-        assert body == f"hello from {cluster.compute_node}\n"
+        assert body == f"hello from {node}\n"
     finally:
         if tunnel is not None:
             tunnel.terminate()
@@ -183,7 +189,7 @@ def test_cluster_venv_runs_on_compute_as_user(cluster, workdir):
     state, _ = wait_finished(cluster, job_id, timeout=300)
     out = ssh_ok(cluster, f"cat {workdir}/{job_id}.out")
     assert state == "COMPLETED", out
-    assert out.split()[:2] == ["OK", cluster.compute_node], out
+    assert out.split()[0] == "OK" and out.split()[1] in cluster.compute_nodes, out
 
 
 def test_finished_job_leaves_the_controller_quickly(cluster):

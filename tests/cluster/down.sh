@@ -23,7 +23,8 @@ fi
 
 stop_pid "$RUN/sshd.pid" sshd
 stop_pid "$RUN/sshd-mfa.pid" "$MFA_PAM_SERVICE"
-stop_pid "$RUN/slurmd.pid" slurmd
+stop_pid "$RUN/slurmd.pid" slurmd   # (a single-node cluster's, before compute2)
+for host in $COMPUTE_HOSTS; do stop_pid "$(slurmd_pid_file "$host")" slurmd; done
 stop_pid "$SLURM_RUN/slurmctld.pid" slurmctld
 stop_pid "$SLURM_RUN/slurmdbd.pid" slurmdbd
 stop_pid "$MYSQL_RUN/mysqld.pid" mariadbd
@@ -33,6 +34,7 @@ rm -f "$RUN"/*.confsha 2>/dev/null || true
 # whatever is left in our namespaces (job processes, ssh sessions) goes with them
 net_down
 ip route del unreachable "$COMPUTE_NET" 2>/dev/null || true
+ip route del unreachable "$COMPUTE2_NET" 2>/dev/null || true
 
 if [ "$PURGE" = 1 ]; then
   # job ids restart at 1 with a new database: the test user's old job folders must not outlive them

@@ -56,6 +56,10 @@ class TestCluster:
     cluster_name: str = "hpcseg"
     netns_login: str = "hpcseg-login"
     netns_compute: str = "hpcseg-compute"
+    # every compute node (compute1 is `compute_node` above): name -> address, name -> network namespace
+    compute_nodes: list = field(default_factory=lambda: ["compute1"])
+    compute_ips: dict = field(default_factory=dict)
+    netns_computes: dict = field(default_factory=dict)
     link_devices: list = field(default_factory=list)
     scripts_dir: str = str(HERE)
     # the second login sshd (up.sh): publickey then keyboard-interactive (a one-time code checked by real PAM)

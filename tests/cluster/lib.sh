@@ -22,6 +22,17 @@ LOGIN_IP=10.210.0.2
 LOGIN_INNER_IP=10.211.0.1
 COMPUTE_IP=10.211.0.2
 COMPUTE_NET=10.211.0.0/24
+# the second compute node: its own namespace and link to login, its own subnet (login does not forward)
+NS_COMPUTE2=hpcseg-compute2
+COMPUTE2_HOST=compute2
+VETH_LC2=hpcseg-lc2
+VETH_COMPUTE2=hpcseg-c2
+LOGIN_INNER2_IP=10.212.0.1
+COMPUTE2_IP=10.212.0.2
+COMPUTE2_NET=10.212.0.0/24
+COMPUTE_HOSTS="$COMPUTE_HOST $COMPUTE2_HOST"
+# compute_ns HOST: the network namespace of a compute node
+compute_ns() { if [ "$1" = "$COMPUTE2_HOST" ]; then echo "$NS_COMPUTE2"; else echo "$NS_COMPUTE"; fi; }
 
 TEST_USER=hpcuser
 TEST_HOME=/home/hpcuser
@@ -199,13 +210,17 @@ accounting_mode() { if [ -f "$ACCOUNTING_FLAG" ] && [ "$(cat "$ACCOUNTING_FLAG")
 
 # ---- network -------------------------------------------------------------------------------------------
 net_ok() {
-  [ -e "/run/netns/$NS_LOGIN" ] && [ -e "/run/netns/$NS_COMPUTE" ] || return 1
+  [ -e "/run/netns/$NS_LOGIN" ] && [ -e "/run/netns/$NS_COMPUTE" ] && [ -e "/run/netns/$NS_COMPUTE2" ] || return 1
   ip route show "$COMPUTE_NET" 2>/dev/null | grep -q '^unreachable' || return 1
+  ip route show "$COMPUTE2_NET" 2>/dev/null | grep -q '^unreachable' || return 1
   ip -br addr show dev "$VETH_ROOT" 2>/dev/null | grep -q "UP .*$ROOT_IP/24" || return 1
   ip -n "$NS_LOGIN" -br addr show dev "$VETH_LOGIN" 2>/dev/null | grep -q "UP .*$LOGIN_IP/24" || return 1
   ip -n "$NS_LOGIN" -br addr show dev "$VETH_LC" 2>/dev/null | grep -q "UP .*$LOGIN_INNER_IP/24" || return 1
   ip -n "$NS_COMPUTE" -br addr show dev "$VETH_COMPUTE" 2>/dev/null | grep -q "UP .*$COMPUTE_IP/24" || return 1
   ip -n "$NS_COMPUTE" route show "$LOGIN_IP" 2>/dev/null | grep -q "via $LOGIN_INNER_IP" || return 1
+  ip -n "$NS_LOGIN" -br addr show dev "$VETH_LC2" 2>/dev/null | grep -q "UP .*$LOGIN_INNER2_IP/24" || return 1
+  ip -n "$NS_COMPUTE2" -br addr show dev "$VETH_COMPUTE2" 2>/dev/null | grep -q "UP .*$COMPUTE2_IP/24" || return 1
+  ip -n "$NS_COMPUTE2" route show "$LOGIN_IP" 2>/dev/null | grep -q "via $LOGIN_INNER2_IP" || return 1
   [ "$(nsenter --net=/run/netns/$NS_LOGIN cat /proc/sys/net/ipv4/ip_forward)" = 0 ] || return 1
   return 0
 }
@@ -213,11 +228,12 @@ net_ok() {
 ensure_unreachable_route() {
   # Mandatory: without it root's default route would send compute-subnet traffic out of the machine.
   ip route replace unreachable "$COMPUTE_NET"
+  ip route replace unreachable "$COMPUTE2_NET"
 }
 
 net_down() {
   local ns
-  for ns in "$NS_COMPUTE" "$NS_LOGIN"; do
+  for ns in "$NS_COMPUTE2" "$NS_COMPUTE" "$NS_LOGIN"; do
     kill_ns_pids "$ns"
     [ -e "/run/netns/$ns" ] && ip netns del "$ns" 2>/dev/null || true
   done
@@ -227,7 +243,7 @@ net_down() {
 net_up() {
   ensure_unreachable_route
   if net_ok; then return 0; fi
-  log "network: (re)creating namespaces $NS_LOGIN, $NS_COMPUTE"
+  log "network: (re)creating namespaces $NS_LOGIN, $NS_COMPUTE, $NS_COMPUTE2"
   net_down
   ensure_unreachable_route
   ip netns add "$NS_LOGIN"
@@ -249,41 +265,57 @@ net_up() {
   # The compute node reaches the controller's address (10.210.0.2, owned by login) via login's inner address:
   # local delivery on login, no forwarding. It has no other route (no default route).
   ip -n "$NS_COMPUTE" route add "$LOGIN_IP/32" via "$LOGIN_INNER_IP"
+  # compute2: the same shape on its own link and subnet
+  ip netns add "$NS_COMPUTE2"
+  nsenter --net=/run/netns/$NS_COMPUTE2 sh -c 'echo 0 > /proc/sys/net/ipv4/ip_forward; echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6' 2>/dev/null || true
+  ip -n "$NS_COMPUTE2" link set lo up
+  ip -n "$NS_LOGIN" link add "$VETH_LC2" type veth peer name "$VETH_COMPUTE2" netns "$NS_COMPUTE2"
+  ip -n "$NS_LOGIN" addr add "$LOGIN_INNER2_IP/24" dev "$VETH_LC2"
+  ip -n "$NS_LOGIN" link set "$VETH_LC2" up
+  ip -n "$NS_COMPUTE2" addr add "$COMPUTE2_IP/24" dev "$VETH_COMPUTE2"
+  ip -n "$NS_COMPUTE2" link set "$VETH_COMPUTE2" up
+  ip -n "$NS_COMPUTE2" route add "$LOGIN_IP/32" via "$LOGIN_INNER2_IP"
   net_ok || die "network namespaces did not come up as expected"
 }
 
 # ---- Slurm client calls from the root namespace (they reach slurmctld at 10.210.0.2) -----------------------
-node_state() { sinfo -h -n "$COMPUTE_HOST" -o %t 2>/dev/null | head -n1; }
+node_state() { sinfo -h -n "${1:-$COMPUTE_HOST}" -o %t 2>/dev/null | head -n1; }
 ctld_up() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
 running_config_accounting() { scontrol show config 2>/dev/null | awk -F'= ' '/^AccountingStorageType/ {print $2}' | tr -d ' '; }
 
-# node_ready: "idle", or a busy healthy node: "mix", "alloc", "alloc+" (some jobs completing), "comp". slurmctld
-# may report "mix" for a while after the last job left the queue, so the queue is not consulted. Never "idle*"
-# (not responding), drain, down, inval...
+# node_ready [HOST]: "idle", or a busy healthy node: "mix", "alloc", "alloc+" (some jobs completing), "comp".
+# slurmctld may report "mix" for a while after the last job left the queue, so the queue is not consulted. Never
+# "idle*" (not responding), drain, down, inval...
 node_ready() {
-  case "$(node_state)" in
+  case "$(node_state "${1:-$COMPUTE_HOST}")" in
     idle|mix|mix+|alloc|alloc+|comp) return 0 ;;
   esac
   return 1
 }
 
+# wait_node_ready SECS: every compute node ready (a drained or down one is resumed once)
 wait_node_ready() {
-  local secs=${1:-60} deadline st resumed=0
+  local secs=${1:-60} host
+  for host in $COMPUTE_HOSTS; do wait_one_node_ready "$secs" "$host" || return 1; done
+}
+
+wait_one_node_ready() {
+  local secs=$1 host=$2 deadline st resumed=0
   deadline=$(( $(date +%s) + secs ))
   while :; do
-    node_ready && return 0
-    st=$(node_state)
+    node_ready "$host" && return 0
+    st=$(node_state "$host")
     case "$st" in
       drain*|drng*|down|down\*|fail*|inval*)
         if [ "$resumed" = 0 ] && [ "${st%\*}" != inval ]; then
-          log "node $COMPUTE_HOST is '$st': resuming it"
-          scontrol update nodename="$COMPUTE_HOST" state=resume >/dev/null 2>&1 || true
+          log "node $host is '$st': resuming it"
+          scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true
           resumed=1
         fi ;;
     esac
     if [ "$(date +%s)" -ge "$deadline" ]; then
-      log "node $COMPUTE_HOST state is '$st', not idle, after ${secs}s"
-      scontrol show node "$COMPUTE_HOST" >&2 2>/dev/null || true
+      log "node $host state is '$st', not idle, after ${secs}s"
+      scontrol show node "$host" >&2 2>/dev/null || true
       return 1
     fi
     sleep 0.1
@@ -337,9 +369,9 @@ SlurmdPort=6818
 StateSaveLocation=$SPOOL/slurmctld
 SlurmdSpoolDir=$SPOOL/slurmd/%n
 SlurmctldPidFile=$SLURM_RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$RUN/slurmd-%n.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig=$SLURM_DIR/plugstack.conf
@@ -347,7 +379,8 @@ $acct_lines
 JobCompType=jobcomp/none
 MailProg=/bin/true
 NodeName=$COMPUTE_HOST NodeAddr=$COMPUTE_IP CPUs=$NCPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$NCPUS ThreadsPerCore=1 RealMemory=16000 Gres=gpu:$NGPUS State=UNKNOWN
-PartitionName=$PARTITION Nodes=$COMPUTE_HOST Default=YES MaxTime=INFINITE State=UP
+NodeName=$COMPUTE2_HOST NodeAddr=$COMPUTE2_IP CPUs=$NCPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$NCPUS ThreadsPerCore=1 RealMemory=16000 Gres=gpu:$NGPUS State=UNKNOWN
+PartitionName=$PARTITION Nodes=$COMPUTE_HOST,$COMPUTE2_HOST Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
@@ -383,18 +416,34 @@ ensure_slurmctld() {
 }
 
 ensure_slurmd() {
-  if pid_ok "$RUN/slurmd.pid" slurmd "$NS_COMPUTE" \
-     && [ "$(cat "$RUN/slurmd.confsha" 2>/dev/null)" = "$(slurmd_conf_sha)" ]; then
+  local host
+  for host in $COMPUTE_HOSTS; do ensure_node_slurmd "$host" "$(compute_ns "$host")"; done
+}
+
+slurmd_pid_file() { echo "$RUN/slurmd-$1.pid"; }
+
+# ensure_node_slurmd HOST NS: that node's slurmd (-N HOST, in NS, hostname HOST), restarted on a config change
+ensure_node_slurmd() {
+  local host=$1 ns=$2 pidf
+  pidf=$(slurmd_pid_file "$host")
+  if pid_ok "$pidf" slurmd "$ns" \
+     && [ "$(cat "$RUN/slurmd-$host.confsha" 2>/dev/null)" = "$(slurmd_conf_sha)" ]; then
     return 0
   fi
-  stop_pid "$RUN/slurmd.pid" slurmd
-  log "starting slurmd ($COMPUTE_HOST) in $NS_COMPUTE"
-  install -d -m 0755 "$SPOOL/slurmd/$COMPUTE_HOST"
-  start_daemon slurmd "$NS_COMPUTE" "$COMPUTE_HOST" env SLURM_CONF="$SLURM_CONF" /usr/sbin/slurmd
-  if ! wait_until 30 "slurmd pid file" pid_ok "$RUN/slurmd.pid" slurmd "$NS_COMPUTE"; then
-    tail_log "$LOG/slurmd.out" "$LOG/slurmd.log"; die "slurmd did not start"
+  stop_pid "$pidf" slurmd
+  stop_pid "$RUN/slurmd.pid" slurmd   # a single-node cluster's slurmd (before compute2 existed)
+  log "starting slurmd ($host) in $ns"
+  install -d -m 0755 "$SPOOL/slurmd/$host"
+  start_daemon "slurmd-$host" "$ns" "$host" env SLURM_CONF="$SLURM_CONF" /usr/sbin/slurmd -N "$host"
+  if ! wait_until 30 "slurmd pid file ($host)" pid_ok "$pidf" slurmd "$ns"; then
+    tail_log "$LOG/slurmd-$host.out" "$LOG/slurmd-$host.log"; die "slurmd did not start on $host"
   fi
-  slurmd_conf_sha >"$RUN/slurmd.confsha"
+  slurmd_conf_sha >"$RUN/slurmd-$host.confsha"
+}
+
+slurmds_alive() {
+  local host
+  for host in $COMPUTE_HOSTS; do pid_ok "$(slurmd_pid_file "$host")" slurmd "$(compute_ns "$host")" || return 1; done
 }
 
 # ---- MariaDB + slurmdbd ------------------------------------------------------------------------------------
@@ -506,6 +555,9 @@ data = {
     "login_node": "$LOGIN_HOST",
     "compute_node": "$COMPUTE_HOST",
     "compute_ip": "$COMPUTE_IP",
+    "compute_nodes": ["$COMPUTE_HOST", "$COMPUTE2_HOST"],
+    "compute_ips": {"$COMPUTE_HOST": "$COMPUTE_IP", "$COMPUTE2_HOST": "$COMPUTE2_IP"},
+    "netns_computes": {"$COMPUTE_HOST": "$NS_COMPUTE", "$COMPUTE2_HOST": "$NS_COMPUTE2"},
     "partition": "$PARTITION",
     "gpus": $NGPUS,
     "cpus": $NCPUS,

@@ -138,6 +138,7 @@ write_if_changed "$HOSTS_FILE" 0644 root:root >/dev/null <<EOF
 ::1 localhost ip6-localhost ip6-loopback
 $LOGIN_IP $LOGIN_HOST
 $COMPUTE_IP $COMPUTE_HOST
+$COMPUTE2_IP $COMPUTE2_HOST
 EOF
 
 # Every test session starts with accounting on (accounting.sh off switches it off for a test).
@@ -145,7 +146,7 @@ echo on >"$ACCOUNTING_FLAG"
 write_slurm_conf
 
 write_if_changed "$SLURM_DIR/gres.conf" 0644 root:root >/dev/null <<EOF
-NodeName=$COMPUTE_HOST Name=gpu File=$GPU_DEV_DIR/nvidia[0-$((NGPUS - 1))]
+NodeName=$COMPUTE_HOST,$COMPUTE2_HOST Name=gpu File=$GPU_DEV_DIR/nvidia[0-$((NGPUS - 1))]
 EOF
 SPANK_PBS=$(ls /usr/lib/*/slurm-wlm/spank_pbs.so 2>/dev/null | head -n1)
 [ -n "$SPANK_PBS" ] || die "spank_pbs.so not found (package slurm-wlm-torque?)"
@@ -308,7 +309,7 @@ daemons_up() {
     stop_slurmctld; start_slurmctld
   fi
   ensure_slurmd
-  wait_node_ready 60 || { tail_log "$LOG/slurmd.log" "$LOG/slurmctld.log"; die "node $COMPUTE_HOST is not idle"; }
+  wait_node_ready 60 || { tail_log "$LOG/slurmd-$COMPUTE_HOST.log" "$LOG/slurmd-$COMPUTE2_HOST.log" "$LOG/slurmctld.log"; die "the compute nodes are not idle"; }
   if ! wait_until 10 "sacct answers" sacct_works; then
     log "sacct gets no answer: restarting slurmdbd"
     ensure_dbd force
@@ -343,7 +344,7 @@ daemons_up() {
 # All still alive at the end (a daemon that was dying when we looked would have passed the first checks)
 daemons_alive() {
   munge_ok && pid_ok "$MYSQL_RUN/mysqld.pid" mariadbd "$NS_LOGIN" && pid_ok "$SLURM_RUN/slurmdbd.pid" slurmdbd "$NS_LOGIN" \
-    && pid_ok "$SLURM_RUN/slurmctld.pid" slurmctld "$NS_LOGIN" && ctld_up && pid_ok "$RUN/slurmd.pid" slurmd "$NS_COMPUTE" \
+    && pid_ok "$SLURM_RUN/slurmctld.pid" slurmctld "$NS_LOGIN" && ctld_up && slurmds_alive \
     && pid_ok "$RUN/sshd.pid" sshd "$NS_LOGIN" && pid_ok "$RUN/sshd-mfa.pid" "$MFA_PAM_SERVICE" "$NS_LOGIN"
 }
 
@@ -410,7 +411,9 @@ for pass in 1 2 3; do
 done
 
 net_ok || die "network check failed at the end"
-ip route get "$COMPUTE_IP" >/dev/null 2>&1 && die "$COMPUTE_IP is routable from the root namespace" || true
+for ip in "$COMPUTE_IP" "$COMPUTE2_IP"; do
+  ip route get "$ip" >/dev/null 2>&1 && die "$ip is routable from the root namespace" || true
+done
 
 write_cluster_json
-log "cluster up in $(( ($(date +%s%N) - T0) / 1000000 )) ms: ssh $TEST_USER@$LOGIN_IP (MFA: port $MFA_PORT), node $COMPUTE_HOST $(node_state), $CLUSTER_JSON"
+log "cluster up in $(( ($(date +%s%N) - T0) / 1000000 )) ms: ssh $TEST_USER@$LOGIN_IP (MFA: port $MFA_PORT), nodes $COMPUTE_HOST $(node_state "$COMPUTE_HOST"), $COMPUTE2_HOST $(node_state "$COMPUTE2_HOST"), $CLUSTER_JSON"

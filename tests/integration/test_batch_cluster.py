@@ -1,11 +1,12 @@
-"""hpcseg batch on the real test cluster (one compute node, compute1): a cohort as one job array through Slurm and
-again through the PBS commands, the client SIGKILLed mid-upload and mid-run then `batch collect`, and a task killed
+"""hpcseg batch on the real test cluster (two compute nodes): a cohort as one job array through Slurm and again
+through the PBS commands, the client SIGKILLed mid-upload and mid-run then `batch collect`, and a task killed
 by its walltime. The `hpcseg` command runs as a real process (killed with SIGKILL), or in-process via CliRunner."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,9 +82,14 @@ def state_of(out: Path) -> dict:
 
 
 @pytest.mark.parametrize("profile", ["s", "p"], ids=["slurm", "pbs"])
-def test_a_cohort_as_one_job_array(cluster_cli, tmp_path, profile):
-    """17 inputs: 15 phantom CTs, a copy of one of them, and a corrupt file."""
+def test_a_cohort_as_one_job_array(cluster_cli, cluster, tmp_path, profile):
+    """17 inputs: 15 phantom CTs, a copy of one of them, and a corrupt file. Each task asks for 5 of a node's 8
+    CPUs, so no two tasks share a node: the array runs on both compute nodes."""
     cohort = make_cohort(tmp_path / "in", 15)
+    cluster_cli.run("-p", profile, "config", "set", "cpus", "5")
+    deadline = time.monotonic() + 120  # both nodes free (the previous test's tasks may still be completing)
+    while cluster_cli.remote("squeue -h -u $USER -o %i").strip() and time.monotonic() < deadline:
+        time.sleep(1)
     out = json.loads(cluster_cli.run("-p", profile, "batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
                                      "--model", "ct-body", "--tasks", "4", "--json").stdout)
     assert out["finished"] and (out["done"], out["invalid"], out["failed"]) == (16, 1, 0), out
@@ -97,6 +103,16 @@ def test_a_cohort_as_one_job_array(cluster_cli, tmp_path, profile):
     tasks_used = {json.loads(cluster_cli.remote(f"cat batches/{out['batch_id']}/results/{r}"))["task"]
                   for r in results if r.endswith(".json")}
     assert tasks_used <= {0, 1, 2, 3}  # tasks of the one array (how many got work depends on who loads first)
+    array_id = re.match(r"\d+", st["rounds"][0]["array_id"]).group(0)
+    deadline = time.monotonic() + 60  # slurmdbd gets each task's record a moment after it ends
+    while True:
+        rows = [r.split("|") for r in cluster_cli.remote(f"sacct -X -n -P -j {array_id} -o JobID,NodeList,State")
+                .split()]
+        if len([r for r in rows if r[2] == "COMPLETED"]) == 4 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    nodes = {r[1] for r in rows}
+    assert nodes == set(cluster.compute_nodes), (nodes, st["rounds"][0]["array_id"])  # tasks ran on both nodes
     status = json.loads(cluster_cli.run("-p", profile, "batch", "status", "--json").stdout)
     assert status["done"] == 16 and status["finished"]
 

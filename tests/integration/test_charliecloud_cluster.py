@@ -77,12 +77,12 @@ def assert_runs_in_image(cluster, job_id: str, pid: int, image: str) -> None:
     """The compute node's process list shows the server as the test user, and the process lives in the image."""
     # The compute node's own view: a Slurm step on the node the server's job runs on lists the server's process.
     node = run_as_user(cluster, ["squeue", "-h", "-j", job_id, "-o", "%N"]).stdout.strip()
-    assert node == cluster.compute_node
+    assert node in cluster.compute_nodes
     ps = run_as_user(cluster, ["srun", "-w", node, "-N1", "-n1", "-t", "1", "--mem=10M", "sh", "-c",
                                f"hostname; ps -o user:20,pid,ppid,args -p {pid}"], timeout=120)
     assert ps.returncode == 0, ps.stderr
     lines = ps.stdout.splitlines()
-    assert lines[0] == cluster.compute_node, ps.stdout
+    assert lines[0] == node, ps.stdout
     rows = [line.split(None, 3) for line in lines[2:]]
     assert len(rows) == 1 and rows[0][1] == str(pid), ps.stdout
     user, _, _, args = rows[0]
@@ -92,7 +92,7 @@ def assert_runs_in_image(cluster, job_id: str, pid: int, image: str) -> None:
     status = Path(f"/proc/{pid}/status").read_text()
     uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
     assert int(uid) == int(run_as_user(cluster, ["id", "-u"]).stdout) != 0
-    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{cluster.netns_compute}").st_ino
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{cluster.netns_computes[node]}").st_ino
     assert os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
     root = Path(f"/proc/{pid}/root")
     assert (root / "ch/environment").is_file() and (root / "opt/hpcseg/test.sh").is_file()

@@ -108,6 +108,9 @@ def main() -> None:
     ap.add_argument("--model", default="ct-body")
     ap.add_argument("--codecs", nargs="+", default=["zstd", "gzip"], choices=["zstd", "gzip"])
     ap.add_argument("--rate", default="100mbit", help="tc rate of the client<->login link (default 100mbit)")
+    ap.add_argument("--container", metavar="IMAGE_DIR", nargs="?", const="build",
+                    help="run the server inside hpcseg's image under Charliecloud's ch-run (the directory image of "
+                         "tests/cluster/image.sh; with no value it is built or found up to date)")
     args = ap.parse_args()
 
     from tests.cluster.harness import ensure_cluster, link
@@ -142,6 +145,16 @@ def main() -> None:
         print(f"  {codec}: {n / 1e6:.1f} MB (ratio {raw_img / n:.2f}), encoded in {local[codec][1]:.2f} s")
 
     profile = cluster_profile(cluster, "slurm", walltime="00:30:00", idle_timeout=900, memory="6G", cpus=2)
+    if args.container:
+        image_dir = args.container
+        if image_dir == "build":
+            repo = Path(__file__).resolve().parent.parent
+            out = subprocess.run(["bash", str(repo / "tests/cluster/image.sh"), str(repo)], check=True,
+                                 capture_output=True, text=True).stdout
+            image_dir = out.strip().splitlines()[-1]
+        profile.container_runtime, profile.image, profile.python = "charliecloud", image_dir, "python3"
+        profile.validate()
+        print(f"server: inside the image {image_dir} under ch-run (container_runtime = charliecloud)", flush=True)
     shell = SSHShell.from_profile(profile, interactive=False)
     jm = JobManager(profile, shell=shell, store=JobStore(tmp / "jobs.json"))
     sink = SinkJob(shell)

@@ -226,3 +226,28 @@ def test_accounting_off_and_on_again(cluster, workdir):
     out = ssh_ok(cluster, f"sacct -X -P -n -j {during},{running} -o JobID,State")
     assert f"{during}|COMPLETED" in out.splitlines() and f"{running}|RUNNING" in out.splitlines(), out
     ssh_ok(cluster, f"scancel {running}")
+
+
+def test_client_files_are_not_visible_on_the_cluster(cluster, workdir, tmp_path):
+    """A cluster shares its home and software tree between its nodes, never with the user's machine: a path that
+    exists only on the client (a temp file, this checkout) is missing on the login node and in a job on each
+    compute node, so a client path that leaks into a job script fails here as it would on a real cluster."""
+    from pathlib import Path
+
+    mine = tmp_path / "only-on-the-client.txt"
+    mine.write_text("client\n")
+    checkout = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    for path in (str(mine), str(checkout)):
+        assert Path(path).is_file()
+        res = ssh(cluster, f"cat {shlex.quote(path)}")
+        assert res.returncode != 0 and "No such file" in res.stderr, (path, res.stdout, res.stderr)
+        for node in cluster.compute_nodes:
+            job_id = sbatch(cluster, "-w", node, "-o", f"{workdir}/%j.out", "--wrap", f"cat {shlex.quote(path)}")
+            assert wait_finished(cluster, job_id) == ("FAILED", "1:0"), (node, path)
+            assert "No such file" in ssh_ok(cluster, f"cat {workdir}/{job_id}.out"), (node, path)
+    # while the cluster's own shared tree is the same on every node
+    ssh_ok(cluster, f"echo shared > {workdir}/mark")
+    for node in cluster.compute_nodes:
+        job_id = sbatch(cluster, "-w", node, "-o", f"{workdir}/{node}.out", "--wrap", f"cat {workdir}/mark")
+        assert wait_finished(cluster, job_id)[0] == "COMPLETED"
+        assert ssh_ok(cluster, f"cat {workdir}/{node}.out").strip() == "shared"

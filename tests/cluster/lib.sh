@@ -187,14 +187,22 @@ kill_ns_pids() {
   sleep 0.2
 }
 
+# The client's own files, hidden from the cluster's nodes: a cluster shares its home and software tree between
+# login and compute nodes, never with a user's laptop, so a client path that leaks into a job must fail here as
+# it would there. Each node sees an empty tmpfs in their place (its own /tmp; no client home, no checkout).
+CLIENT_ONLY_DIRS="$(cd "$CLUSTER_DIR/../.." && pwd) /root /tmp ${HPCSEG_CLUSTER_HIDE:-}"
+
 # ns_cmd NS HOSTNAME: prints nothing; fills the array NS_CMD with the launcher prefix the notes prescribe:
 # a new mount + UTS namespace inside network namespace NS, our hosts file and Slurm config dir bind-mounted
-# over /etc/hosts and /etc/slurm, the hostname set. Append the command to run.
-NS_SH='mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/slurm && hostname "$3" && shift 3 && exec "$@"'
+# over /etc/hosts and /etc/slurm, the client's directories hidden, the hostname set. Append the command to run.
+NS_SH='mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/slurm && hostname "$3" && for d in $4; do
+  if [ -d "$d" ]; then mount -t tmpfs -o mode=1777,size=2g hpcseg-node-local "$d" || exit 1; fi; done && shift 4 && exec "$@"'
 ns_cmd() {
   NS_CMD=(nsenter "--net=/run/netns/$1" unshare --mount --uts --propagation slave
-          sh -c "$NS_SH" sh "$HOSTS_FILE" "$SLURM_DIR" "$2")
+          sh -c "$NS_SH" sh "$HOSTS_FILE" "$SLURM_DIR" "$2" "$CLIENT_ONLY_DIRS")
 }
+# what every daemon's recorded config hash includes: a daemon started with another launcher is restarted
+ns_sha() { printf '%s\n%s\n' "$NS_SH" "$CLIENT_ONLY_DIRS" | sha256sum | cut -c1-64; }
 
 # start_daemon NAME NS HOST CMD...: start CMD detached (own session, no inherited stdio or lock fd)
 start_daemon() {
@@ -390,8 +398,8 @@ write_slurm_conf() {
 }
 
 # config hashes remembered when a daemon starts: a differing hash means it must restart
-ctld_conf_sha() { { echo "$CTLD_CONF"; cat "$CTLD_CONF" "$SLURM_DIR/gres.conf" "$SLURM_DIR/plugstack.conf"; } | sha256sum | cut -c1-64; }
-slurmd_conf_sha() { { grep -v '^AccountingStorage' "$SLURM_CONF"; cat "$SLURM_DIR/gres.conf" "$SLURM_DIR/plugstack.conf"; } | sha256sum | cut -c1-64; }
+ctld_conf_sha() { { echo "$CTLD_CONF"; ns_sha; cat "$CTLD_CONF" "$SLURM_DIR/gres.conf" "$SLURM_DIR/plugstack.conf"; } | sha256sum | cut -c1-64; }
+slurmd_conf_sha() { { ns_sha; grep -v '^AccountingStorage' "$SLURM_CONF"; cat "$SLURM_DIR/gres.conf" "$SLURM_DIR/plugstack.conf"; } | sha256sum | cut -c1-64; }
 
 start_slurmctld() {
   log "starting slurmctld in $NS_LOGIN"

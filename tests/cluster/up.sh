@@ -285,8 +285,8 @@ tc qdisc del dev "$VETH_ROOT" root >/dev/null 2>&1 || true
 nsenter --net="/run/netns/$NS_LOGIN" tc qdisc del dev "$VETH_LOGIN" root >/dev/null 2>&1 || true
 
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
-sshd_sha() { sha_of "$SSHD_CONFIG" "$HOST_KEY"; }
-mfa_sha() { sha_of "$MFA_CONFIG" "$HOST_KEY" "$MFA_PAM_FILE" "$MFA_DIR/otp-check" "$MFA_DIR/otp-banner"; }
+sshd_sha() { { ns_sha; sha_of "$SSHD_CONFIG" "$HOST_KEY"; } | sha256sum | cut -c1-64; }
+mfa_sha() { { ns_sha; sha_of "$MFA_CONFIG" "$HOST_KEY" "$MFA_PAM_FILE" "$MFA_DIR/otp-check" "$MFA_DIR/otp-banner"; } | sha256sum | cut -c1-64; }
 
 # Start whatever is not running (or runs an old config). Each step checks before it acts.
 daemons_up() {

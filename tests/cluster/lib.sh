@@ -248,6 +248,27 @@ net_down() {
   ip link del "$VETH_ROOT" 2>/dev/null || true
 }
 
+# ns_sysctls NS: no forwarding, no IPv6, loopback up
+ns_sysctls() {
+  nsenter --net=/run/netns/$1 sh -c 'echo 0 > /proc/sys/net/ipv4/ip_forward; echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6' 2>/dev/null || true
+  ip -n "$1" link set lo up
+}
+
+# compute_link NS VETH_LOGIN_END VETH_NODE_END LOGIN_INNER_IP NODE_IP: a compute node's namespace and its own
+# link (and /24) to the login node. The node reaches the controller's address (10.210.0.2, owned by login) via
+# login's inner address: local delivery on login, no forwarding. It has no other route (no default route).
+compute_link() {
+  local ns=$1 lend=$2 nend=$3 inner=$4 ip_=$5
+  ip netns add "$ns"
+  ns_sysctls "$ns"
+  ip -n "$NS_LOGIN" link add "$lend" type veth peer name "$nend" netns "$ns"
+  ip -n "$NS_LOGIN" addr add "$inner/24" dev "$lend"
+  ip -n "$NS_LOGIN" link set "$lend" up
+  ip -n "$ns" addr add "$ip_/24" dev "$nend"
+  ip -n "$ns" link set "$nend" up
+  ip -n "$ns" route add "$LOGIN_IP/32" via "$inner"
+}
+
 net_up() {
   ensure_unreachable_route
   if net_ok; then return 0; fi
@@ -255,34 +276,14 @@ net_up() {
   net_down
   ensure_unreachable_route
   ip netns add "$NS_LOGIN"
-  ip netns add "$NS_COMPUTE"
-  nsenter --net=/run/netns/$NS_LOGIN sh -c 'echo 0 > /proc/sys/net/ipv4/ip_forward; echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6' 2>/dev/null || true
-  nsenter --net=/run/netns/$NS_COMPUTE sh -c 'echo 0 > /proc/sys/net/ipv4/ip_forward; echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6' 2>/dev/null || true
-  ip -n "$NS_LOGIN" link set lo up
-  ip -n "$NS_COMPUTE" link set lo up
+  ns_sysctls "$NS_LOGIN"
   ip link add "$VETH_ROOT" type veth peer name "$VETH_LOGIN" netns "$NS_LOGIN"
   ip addr add "$ROOT_IP/24" dev "$VETH_ROOT"
   ip link set "$VETH_ROOT" up
   ip -n "$NS_LOGIN" addr add "$LOGIN_IP/24" dev "$VETH_LOGIN"
   ip -n "$NS_LOGIN" link set "$VETH_LOGIN" up
-  ip -n "$NS_LOGIN" link add "$VETH_LC" type veth peer name "$VETH_COMPUTE" netns "$NS_COMPUTE"
-  ip -n "$NS_LOGIN" addr add "$LOGIN_INNER_IP/24" dev "$VETH_LC"
-  ip -n "$NS_LOGIN" link set "$VETH_LC" up
-  ip -n "$NS_COMPUTE" addr add "$COMPUTE_IP/24" dev "$VETH_COMPUTE"
-  ip -n "$NS_COMPUTE" link set "$VETH_COMPUTE" up
-  # The compute node reaches the controller's address (10.210.0.2, owned by login) via login's inner address:
-  # local delivery on login, no forwarding. It has no other route (no default route).
-  ip -n "$NS_COMPUTE" route add "$LOGIN_IP/32" via "$LOGIN_INNER_IP"
-  # compute2: the same shape on its own link and subnet
-  ip netns add "$NS_COMPUTE2"
-  nsenter --net=/run/netns/$NS_COMPUTE2 sh -c 'echo 0 > /proc/sys/net/ipv4/ip_forward; echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6' 2>/dev/null || true
-  ip -n "$NS_COMPUTE2" link set lo up
-  ip -n "$NS_LOGIN" link add "$VETH_LC2" type veth peer name "$VETH_COMPUTE2" netns "$NS_COMPUTE2"
-  ip -n "$NS_LOGIN" addr add "$LOGIN_INNER2_IP/24" dev "$VETH_LC2"
-  ip -n "$NS_LOGIN" link set "$VETH_LC2" up
-  ip -n "$NS_COMPUTE2" addr add "$COMPUTE2_IP/24" dev "$VETH_COMPUTE2"
-  ip -n "$NS_COMPUTE2" link set "$VETH_COMPUTE2" up
-  ip -n "$NS_COMPUTE2" route add "$LOGIN_IP/32" via "$LOGIN_INNER2_IP"
+  compute_link "$NS_COMPUTE" "$VETH_LC" "$VETH_COMPUTE" "$LOGIN_INNER_IP" "$COMPUTE_IP"
+  compute_link "$NS_COMPUTE2" "$VETH_LC2" "$VETH_COMPUTE2" "$LOGIN_INNER2_IP" "$COMPUTE2_IP"
   net_ok || die "network namespaces did not come up as expected"
 }
 

@@ -46,25 +46,8 @@ def _rules(cluster, port: int) -> list[list[str]]:
 
 
 @contextlib.contextmanager
-def blackhole(cluster, port: int) -> Iterator[None]:
-    """Silently drop every packet of the SSH connection from local ``port`` (both ways) while inside."""
-    added: list[list[str]] = []
-    try:
-        for rule in _rules(cluster, port):
-            subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True)
-            added.append(rule)
-        yield
-    finally:
-        for rule in added:
-            subprocess.run(["iptables", "-D", *rule], capture_output=True)
-
-
-@contextlib.contextmanager
-def blackhole_login(cluster) -> Iterator[None]:
-    """Silently drop every packet between this machine and the login sshd, new connections too (the network is
-    gone, as on a train): no re-login can succeed while inside."""
-    rules = [["OUTPUT", "-p", "tcp", "-d", cluster.host, "--dport", str(cluster.port), "-j", "DROP"],
-             ["INPUT", "-p", "tcp", "-s", cluster.host, "--sport", str(cluster.port), "-j", "DROP"]]
+def _dropping(rules: list[list[str]]) -> Iterator[None]:
+    """iptables DROP ``rules`` inserted while inside, removed afterwards (also those added before a failure)."""
     added: list[list[str]] = []
     try:
         for rule in rules:
@@ -74,6 +57,18 @@ def blackhole_login(cluster) -> Iterator[None]:
     finally:
         for rule in added:
             subprocess.run(["iptables", "-D", *rule], capture_output=True)
+
+
+def blackhole(cluster, port: int):
+    """Silently drop every packet of the SSH connection from local ``port`` (both ways) while inside."""
+    return _dropping(_rules(cluster, port))
+
+
+def blackhole_login(cluster):
+    """Silently drop every packet between this machine and the login sshd, new connections too (the network is
+    gone, as on a train): no re-login can succeed while inside."""
+    return _dropping([["OUTPUT", "-p", "tcp", "-d", cluster.host, "--dport", str(cluster.port), "-j", "DROP"],
+                      ["INPUT", "-p", "tcp", "-s", cluster.host, "--sport", str(cluster.port), "-j", "DROP"]])
 
 
 def session_pids(port: int) -> list[int]:

@@ -42,8 +42,8 @@ import SimpleITK as sitk
 
 from hpcseg import imaging
 from hpcseg.errors import ServerError
+from hpcseg.protocol import ALREADY_ANSWERED, PROTOCOL_VERSION, compatible, server_mismatch
 from hpcseg.protocol import HEADER as PROTOCOL_HEADER
-from hpcseg.protocol import PROTOCOL_VERSION, compatible, server_mismatch
 
 Progress = Callable[[int, int], None]
 Diagnose = Callable[[], tuple[str, str]]
@@ -314,7 +314,17 @@ class ServerClient:
         poller = _InferPoller(self, headers[REQUEST_ID_HEADER], infer_progress) if infer_progress else None
         ok = False
         try:
-            resp, data = self._once_more(attempt, f"inference {model}")
+            try:
+                resp, data = self._once_more(attempt, f"inference {model}")
+            except ServerError as exc:
+                # The first try ran, but its answer was lost with the connection and the server no longer keeps it
+                # (newer answers pushed it out before the retry came): send it once more as a new request.
+                if exc.status != 409 or ALREADY_ANSWERED not in exc.message:
+                    raise
+                log.warning("inference %s: the server answered the first try but no longer keeps the answer; "
+                            "sending it once more as a new request", model)
+                headers[REQUEST_ID_HEADER] = uuid.uuid4().hex
+                resp, data = attempt()
             ok = True
         finally:
             if poller is not None:

@@ -20,6 +20,9 @@ from . import __version__
 #: bump when a request or an answer between client and server changes incompatibly
 PROTOCOL_VERSION = 1
 HEADER = "X-HPCSeg-Protocol"
+#: in a 409's detail: the request id (X-HPCSeg-Request-Id) ran and was answered, and the answer is no longer kept;
+#: hpcseg's client then sends the request once more under a new id (its first answer was lost with the connection)
+ALREADY_ANSWERED = "was already answered"
 
 
 def compatible(other: int | None) -> bool:

@@ -60,8 +60,8 @@ from fastapi.responses import JSONResponse, Response
 
 from hpcseg import __version__
 from hpcseg.errors import ImageError, ServerError
+from hpcseg.protocol import ALREADY_ANSWERED, PROTOCOL_VERSION, client_mismatch
 from hpcseg.protocol import HEADER as PROTOCOL_HEADER
-from hpcseg.protocol import PROTOCOL_VERSION, client_mismatch
 from hpcseg.server import guard, wire
 from hpcseg.server import progress as request_progress
 from hpcseg.server.auth import TokenAuthMiddleware, tokens_equal
@@ -254,7 +254,7 @@ def _add_routes(app: FastAPI, rt: Runtime) -> None:
                 return answer
         if key and rt.replays.answered(key):
             log.warning("infer %s request=%s: a late copy of a request already answered; not run again", model, key[:8])
-            raise HTTPException(409, f"request id {key} was already answered and its result is no longer kept: "
+            raise HTTPException(409, f"request id {key} {ALREADY_ANSWERED} and its result is no longer kept: "
                                      "send the request again with a new X-HPCSeg-Request-Id")
         abandon = guard.Abandon(grace=settings.retry_grace if key else 0.0)
         if key:

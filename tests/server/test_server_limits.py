@@ -218,8 +218,9 @@ class _DroppingProxy:
     """A real TCP proxy in front of the server that drops the first inference's answer: it forwards the request,
     then closes the client's connection when the answer starts (as a lost SSH connection does)."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, on_drop=None) -> None:
         self.upstream = upstream_port
+        self.on_drop = on_drop  # called when the answer is dropped, before the client's connection closes
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.dropped = 0
@@ -251,6 +252,8 @@ class _DroppingProxy:
             while data := up.recv(1 << 16):
                 if drop["armed"]:
                     self.dropped += 1
+                    if self.on_drop is not None:
+                        self.on_drop()
                     break
                 client.sendall(data)
         except OSError:
@@ -277,3 +280,30 @@ def test_the_client_sends_a_lost_inference_once_more_and_the_server_runs_it_once
         logs = srv.log_file.read_text()
         assert len(re.findall(r"infer thr v\S+ request=\w+:", logs)) == 1, logs
         assert "a retry, answered from its first run" in logs
+
+
+def test_a_lost_answer_the_server_no_longer_keeps_is_asked_for_again_under_a_new_id(tmp_path, phantom):
+    """The first try's answer is lost, and 17 other keyed requests push it out of the server's kept answers before
+    the retry comes: the server refuses the retry (409, already answered, never run twice under one id) and the
+    client sends the request once more under a new id, so the user still gets the mask."""
+    with running(tmp_path / "run", standard_models(tmp_path / "models")) as srv:
+        body, ctype = _infer_body(phantom, {})
+        others = {"Authorization": f"Bearer {srv.token}", "Content-Type": ctype}
+
+        def push_out() -> None:
+            for _ in range(17):
+                r = requests.post(f"{srv.url}/infer/thr?output=image", data=body, timeout=60, proxies={"http": None},
+                                  headers={**others, REQUEST_ID_HEADER: uuid.uuid4().hex})
+                assert r.status_code == 200
+
+        proxy = _DroppingProxy(srv.info["port"], on_drop=push_out)
+        try:
+            with ServerClient(f"http://127.0.0.1:{proxy.port}", srv.token) as c:
+                res = c.segment(phantom, "thr")
+                assert proxy.dropped == 1 and c.retried == 1
+                assert res.mask.GetSize() == phantom.GetSize()
+        finally:
+            proxy.close()
+        logs = srv.log_file.read_text()
+        assert len(re.findall(r"a late copy of a request already answered; not run again", logs)) == 1, logs
+        assert len(re.findall(r"infer thr v\S+ request=\w+:", logs)) == 17 + 2  # the first try, then the new id

@@ -267,16 +267,21 @@ class _DroppingProxy:
         self.listener.close()
 
 
+def _segment_losing_the_first_answer(srv, phantom, params: dict, on_drop=None) -> None:
+    """``thr`` through a :class:`_DroppingProxy`: the first answer is lost, the client retries once and gets a mask."""
+    proxy = _DroppingProxy(srv.info["port"], on_drop=on_drop)
+    try:
+        with ServerClient(f"http://127.0.0.1:{proxy.port}", srv.token) as c:
+            res = c.segment(phantom, "thr", params=params)
+            assert proxy.dropped == 1 and c.retried == 1
+            assert res.mask.GetSize() == phantom.GetSize()
+    finally:
+        proxy.close()
+
+
 def test_the_client_sends_a_lost_inference_once_more_and_the_server_runs_it_once(tmp_path, phantom):
     with running(tmp_path / "run", standard_models(tmp_path / "models")) as srv:
-        proxy = _DroppingProxy(srv.info["port"])
-        try:
-            with ServerClient(f"http://127.0.0.1:{proxy.port}", srv.token) as c:
-                res = c.segment(phantom, "thr", params={"sleep": 1})
-                assert proxy.dropped == 1 and c.retried == 1
-                assert res.mask.GetSize() == phantom.GetSize()
-        finally:
-            proxy.close()
+        _segment_losing_the_first_answer(srv, phantom, {"sleep": 1})
         logs = srv.log_file.read_text()
         assert len(re.findall(r"infer thr v\S+ request=\w+:", logs)) == 1, logs
         assert "a retry, answered from its first run" in logs
@@ -296,14 +301,7 @@ def test_a_lost_answer_the_server_no_longer_keeps_is_asked_for_again_under_a_new
                                   headers={**others, REQUEST_ID_HEADER: uuid.uuid4().hex})
                 assert r.status_code == 200
 
-        proxy = _DroppingProxy(srv.info["port"], on_drop=push_out)
-        try:
-            with ServerClient(f"http://127.0.0.1:{proxy.port}", srv.token) as c:
-                res = c.segment(phantom, "thr")
-                assert proxy.dropped == 1 and c.retried == 1
-                assert res.mask.GetSize() == phantom.GetSize()
-        finally:
-            proxy.close()
+        _segment_losing_the_first_answer(srv, phantom, {}, on_drop=push_out)
         logs = srv.log_file.read_text()
         assert len(re.findall(r"a late copy of a request already answered; not run again", logs)) == 1, logs
         assert len(re.findall(r"infer thr v\S+ request=\w+:", logs)) == 17 + 2  # the first try, then the new id

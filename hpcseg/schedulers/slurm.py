@@ -198,6 +198,15 @@ def _node(text: str) -> str:
     return m.group(1) + (m.group(2) or "") + (m.group(3) or "") if m else text
 
 
+def _output_dir(job_dir: str) -> str:
+    """``job_dir`` as sbatch's ``--output``/``--error`` need it: ``%`` doubled (sbatch reads ``%j``, ``%x``... as
+    file-name patterns). A backslash is refused: sbatch reads it as "expand no pattern" and drops it, so the job
+    could not open its output file and would fail without a word (found by a hypothesis-drawn job folder)."""
+    if "\\" in job_dir:
+        raise SubmitFailed(f"Slurm cannot write job output under {job_dir!r}: sbatch drops the backslash",
+                           hint="set work_dir to a path without '\\'")
+    return job_dir.replace("%", "%%")
+
 
 def _sacct_status(job_id: str, cells: list[str], what: str) -> JobStatus:
     """One sacct row (JobID, State, ExitCode, Start, End, NodeList, Reason) of a job or array task that squeue no
@@ -217,6 +226,7 @@ def _sacct_status(job_id: str, cells: list[str], what: str) -> JobStatus:
         st.reason = f"accounting still says {st.native_state}, but slurmctld no longer knows the {what}"
         st.state = JobState.LOST
     return st
+
 
 def _status(job_id: str, state_text: str, reason: str, source: str) -> JobStatus:
     native = state_text.split()[0] if state_text.strip() else ""  # sacct: "CANCELLED by 1234"
@@ -284,12 +294,7 @@ class SlurmArrays:
         """sbatch with ``--array=0-(size-1)%max_running``; each task's output goes to ``task-<index>.out``."""
         if size < 1 or max_running < 1:
             raise ValueError("an array needs size >= 1 and max_running >= 1")
-        if "\\" in spec.job_dir:
-            # sbatch reads a backslash in --output/--error as "expand no pattern" and drops it: the job could not
-            # open its output file and would fail without a word (found by a hypothesis-drawn job folder)
-            raise SubmitFailed(f"Slurm cannot write job output under {spec.job_dir!r}: sbatch drops the backslash",
-                               hint="set work_dir to a path without '\\'")
-        out = spec.job_dir.replace("%", "%%")
+        out = _output_dir(spec.job_dir)
         return Command(["sbatch", "--parsable", f"--array=0-{size - 1}%{max_running}", f"--chdir={spec.job_dir}",
                         f"--output={out}/task-%a.out", f"--error={out}/task-%a.err", "--job-name", spec.job_name,
                         *spec.extra_args, spec.script_path])
@@ -382,12 +387,7 @@ class Slurm(SlurmArrays, Scheduler):
 
         A ``%`` in a path is doubled: sbatch reads ``%j``, ``%x`` and so on in ``--output`` as file-name patterns.
         """
-        if "\\" in spec.job_dir:
-            # sbatch reads a backslash in --output/--error as "expand no pattern" and drops it: the job could not
-            # open its output file and would fail without a word (found by a hypothesis-drawn job folder)
-            raise SubmitFailed(f"Slurm cannot write job output under {spec.job_dir!r}: sbatch drops the backslash",
-                               hint="set work_dir to a path without '\\'")
-        out = spec.job_dir.replace("%", "%%")
+        out = _output_dir(spec.job_dir)
         return Command(["sbatch", "--parsable", f"--chdir={spec.job_dir}", f"--output={out}/job.out",
                         f"--error={out}/job.err", "--job-name", spec.job_name, *spec.extra_args,
                         spec.script_path])

@@ -95,19 +95,24 @@ def cache_dirs(weights: Path | None) -> list[Path]:
     return dirs
 
 
-def export_openvino(net: Any, weights: Path | None, spec: Any, example_shape: tuple[int, ...]) -> Path:
-    """The cached IR for ``net`` (exported now if no cache has it); returns the ``.xml`` path."""
-    key = cache_key(weights, spec)
+def _cached_export(key: str, weights: Path | None) -> Path | None:
+    """The ``.xml`` of a complete export (its ``.bin`` beside it) under ``key`` in one of the cache folders."""
     for d in cache_dirs(weights):
         xml = d / f"{key}.xml"
         if xml.is_file() and xml.with_suffix(".bin").is_file():
-            log.info("openvino: reusing the export %s", xml)
             return xml
+    return None
+
+
+def export_openvino(net: Any, weights: Path | None, spec: Any, example_shape: tuple[int, ...]) -> Path:
+    """The cached IR for ``net`` (exported now if no cache has it); returns the ``.xml`` path."""
+    key = cache_key(weights, spec)
+    if (xml := _cached_export(key, weights)) is not None:
+        log.info("openvino: reusing the export %s", xml)
+        return xml
     with _export_lock:
-        for d in cache_dirs(weights):  # another thread may have written it meanwhile
-            xml = d / f"{key}.xml"
-            if xml.is_file() and xml.with_suffix(".bin").is_file():
-                return xml
+        if (xml := _cached_export(key, weights)) is not None:  # another thread wrote it meanwhile
+            return xml
         import openvino as ov
         import torch
 

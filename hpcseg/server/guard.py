@@ -275,12 +275,12 @@ class Replays:
 
     def _purge(self) -> None:
         now = time.monotonic()
-        done = [k for k, v in self._items.items() if v.finished is not None]
-        old = {k for k in done[: max(0, len(done) - self.size)]}
-        old |= {k for k in done if now - (self._items[k].finished or now) > self.keep}
-        for k in done:
+        done = {k: v.finished for k, v in self._items.items() if v.finished is not None}  # oldest first
+        old = set(list(done)[: max(0, len(done) - self.size)]) | {k for k, t in done.items() if now - t > self.keep}
+        for k, t in done.items():
             if k in old:
-                self._answered[k] = self._items.pop(k).finished or now
+                del self._items[k]
+                self._answered[k] = t
         while self._answered and (len(self._answered) > self.remember_size
                                   or now - next(iter(self._answered.values())) > self.remember):
             self._answered.popitem(last=False)

@@ -131,8 +131,10 @@ class TorchModel(Model):
         from hpcseg.server import cpu_runtime
 
         net = self.net_on(device)
+        torch_pred = cpu_runtime.torch_predictor(net, self._logits)
         if cpu_runtime.choose_runtime(self.manifest.extra, device) != "openvino":
-            return cpu_runtime.torch_predictor(net, self._logits)
+            return torch_pred
+        named = str(self.manifest.extra.get("runtime", "auto")).lower() == "openvino"
         with self._lock:
             ov = getattr(self, "_openvino", None)
             if ov is None:
@@ -143,18 +145,21 @@ class TorchModel(Model):
                     ov = self._openvino = cpu_runtime.OpenVinoPredictor.for_model(
                         _FirstOutput(net, self._logits), weights, spec, (1, 1, *roi))
                 except Exception as exc:  # a network OpenVINO cannot convert (e.g. SwinUNETR's reshapes)
-                    if str(self.manifest.extra.get("runtime", "auto")).lower() == "openvino":
+                    if named:
                         raise  # asked for by name: say so, do not serve something else
-                    log.warning("model %s: OpenVINO cannot run this network (%s: %s); serving it with torch",
-                                self.manifest.name, type(exc).__name__, str(exc).splitlines()[0][:200])
-                    ov = self._openvino = False
+                    ov = self._openvino_failed(exc)
         if ov is False:
-            return cpu_runtime.torch_predictor(net, self._logits)
-        if str(self.manifest.extra.get("runtime", "auto")).lower() == "openvino":
-            return ov
-        return self._torch_if_openvino_fails(ov, cpu_runtime.torch_predictor(net, self._logits))
+            return torch_pred
+        return ov if named else self._torch_if_openvino_fails(torch_pred)
 
-    def _torch_if_openvino_fails(self, ov, torch_pred):
+    def _openvino_failed(self, exc: Exception) -> bool:
+        """Chosen automatically, OpenVINO cannot run this network: say so once, serve it with torch from now on."""
+        log.warning("model %s: OpenVINO cannot run this network (%s: %s); serving it with torch",
+                    self.manifest.name, type(exc).__name__, str(exc).splitlines()[0][:200])
+        self._openvino = False
+        return False
+
+    def _torch_if_openvino_fails(self, torch_pred):
         """Chosen automatically, OpenVINO must not cost a model its service: a network it converts but cannot
         run (SwinUNETR's reshapes fail at the first window) is served with torch from then on."""
 
@@ -164,9 +169,7 @@ class TorchModel(Model):
                 try:
                     return current(x)
                 except Exception as exc:
-                    log.warning("model %s: OpenVINO cannot run this network (%s: %s); serving it with torch",
-                                self.manifest.name, type(exc).__name__, str(exc).splitlines()[0][:200])
-                    self._openvino = False
+                    self._openvino_failed(exc)
             return torch_pred(x)
 
         return predict

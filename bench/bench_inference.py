@@ -15,6 +15,11 @@ Run (minutes on 2 cores; prints as it goes)::
 
     python bench/bench_inference.py                 # everything
     python bench/bench_inference.py --size 256 256 150 --classes 14     # quicker
+    python bench/bench_inference.py --classes 14 --runtime openvino     # the network through OpenVINO, both sides
+
+``--runtime`` picks the network's runtime for every variant (torch by default; openvino is what the server uses on
+a CPU): the stitching is the same code either way, but the share of the time that is not the network grows as
+the network gets faster.
 """
 
 from __future__ import annotations
@@ -60,15 +65,12 @@ def estimate_bytes(variant: str, classes: int, size: tuple[int, int, int], roi: 
     window = classes * roi**3 * 4 * 8  # the network's last activations at C channels for one window (measured)
     if variant == "monai":  # output + count map + argmax (int64) + its uint8 copy
         return classes * x * y * z * 4 + x * y * z * (4 + 8 + 1) + window
-    # the slab stitcher: the largest (alive columns of the finishing slab + kept window tails) over the z-groups
-    starts = sorted({min(k * stride, max(z - roi, 0)) for k in range(-(-max(z - roi, 0) // stride) + 1)})
-    n_xy = (-(-max(x - roi, 0) // stride) + 1) * (-(-max(y - roi, 0) // stride) + 1)
-    peak = 0
-    for g, z0 in enumerate(starts):
-        z_next = starts[g + 1] if g + 1 < len(starts) else z
-        tail = max(0, (starts[g - 1] + roi - z0) if g else 0)
-        peak = max(peak, (z_next - z0) * min(x, roi + stride) * y + n_xy * roi * roi * tail)
-    return classes * peak * 4 + x * y * z + window
+    # the slab stitcher: one x-slab's alive y-chunks (a window wide and high, all of z) and
+    # the summed overlap carried to the next x-group (at most roi - the smallest x-stride columns, all of y and z)
+    last_stride = max(x - roi, 0) - (-(-max(x - roi, 0) // stride) - 1) * stride if x > roi else roi
+    carry = roi - min(stride, last_stride) if x > roi else 0
+    peak = z * (min(x, roi) * min(y, roi) + carry * y)
+    return (classes + 1) * peak * 4 + x * y * z + window
 
 
 def child(args: argparse.Namespace) -> None:
@@ -86,17 +88,22 @@ def child(args: argparse.Namespace) -> None:
     x = torch.from_numpy(np.clip((np.asarray(vol, np.float32).transpose(2, 1, 0) + 1000) / 2000, 0, 1).copy())
     x = x[None, None].to(device)
     net_seconds = [0.0]
+    call = net
+    if args.runtime == "openvino":  # the same network through the server's CPU runtime, for both variants
+        from hpcseg.server.cpu_runtime import OpenVinoPredictor
+
+        call = OpenVinoPredictor.for_model(net, None, {"bench": "UNet 8-16-32-64 res 1, seed 0", "classes": args.classes}, (1, 1, args.roi, args.roi, args.roi))
 
     def predictor(w):
         t = time.perf_counter()
-        out = net(w)
+        out = call(w)
         if device == "cuda":
             torch.cuda.synchronize()
         net_seconds[0] += time.perf_counter() - t
         return out
 
     with torch.inference_mode():
-        predictor(x[..., :32, :32, :32])  # warm-up outside the measurement
+        predictor(x[..., : args.roi, : args.roi, : args.roi])  # warm-up (and compile) outside the measurement
     net_seconds[0] = 0.0
     if args.limit:
         lim = _vm_size() + args.limit
@@ -143,7 +150,7 @@ def _server_path(args: argparse.Namespace, net, vol: np.ndarray):
                                                          "out_channels": args.classes,
                                                          "channels": [8, 16, 32, 64], "strides": [2, 2, 2],
                                                          "num_res_units": 1}},
-                    "roi_size": [args.roi] * 3, "overlap": args.overlap,
+                    "roi_size": [args.roi] * 3, "overlap": args.overlap, "extra": {"runtime": args.runtime},
                     "intensity": {"a_min": -1000, "a_max": 1000, "b_min": 0, "b_max": 1, "clip": True}}
         (Path(tmp) / "hpcseg-model.json").write_text(json.dumps(manifest))
         model = load_model(Path(tmp))
@@ -162,7 +169,7 @@ def run_variant(variant: str, classes: int, volume: Path, args: argparse.Namespa
         return {**head, "ok": False, "error": f"fails: needs {need / 2**30:.1f} GB, {free / 2**30:.1f} GB free "
                                               "(not run)"}
     cmd = [sys.executable, __file__, "--child", variant, "--classes", str(classes), "--volume", str(volume),
-           "--roi", str(args.roi), "--overlap", str(args.overlap), "--limit", str(int(0.9 * free))]
+           "--runtime", args.runtime, "--roi", str(args.roi), "--overlap", str(args.overlap), "--limit", str(int(0.9 * free))]
     if labels_out:
         cmd += ["--labels-out", str(labels_out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -198,6 +205,8 @@ def main() -> None:
     p.add_argument("--roi", type=int, default=96)
     p.add_argument("--overlap", type=float, default=0.25)
     p.add_argument("--skip-codecs", action="store_true")
+    p.add_argument("--runtime", choices=["torch", "openvino"], default="torch",
+                   help="the network's runtime in both variants (openvino: the server's CPU default)")
     p.add_argument("--child", choices=["slab", "monai", "server"])
     p.add_argument("--volume", type=Path)
     p.add_argument("--labels-out", type=Path)

@@ -79,23 +79,29 @@ def test_summation_order_is_monais_even_when_it_decides_the_label(size, roi, ove
 
 
 def test_slab_buffers_stay_small(net, monkeypatch):
-    """Alive accumulators never span more than about one window in x and one slab in z."""
+    """Alive accumulators never span more than one window in x and about one in y, plus the summed overlap with
+    the next x-group: a fraction of MONAI's whole-volume buffer."""
     from hpcseg.server import inference
 
-    widths, depths = [], []
+    heights, widths, alive = [], [], []
     real_add = inference._Slab.add
 
     def add(self, *args):
         real_add(self, *args)
-        widths.append(sum(t.shape[1] for t in self.acc.values()))
-        depths.append(max(t.shape[-1] for t in self.acc.values()))
+        heights.append(sum(t.shape[2] for t in self.acc.values()))
+        widths.append(max(t.shape[1] for t in self.acc.values()))
+        alive.append(sum(t.numel() for t in self.acc.values()) + sum(a.numel() for a, _ in self.carry.values()))
 
     monkeypatch.setattr(inference._Slab, "add", add)
-    x = torch.randn(1, 1, 96, 24, 96)
+    x = torch.randn(1, 1, 96, 96, 24)
     with torch.no_grad():
         labels = sliding_window_labels(x, net, (16, 16, 16), 1, 0.25)
     assert torch.equal(labels, _monai(x, net, (16, 16, 16), 1, 0.25).to(torch.uint8))
-    assert max(widths) <= 16 + 12 and max(depths) <= 16  # roi + stride columns, a slab of at most roi slices
+    assert max(widths) == 16 and max(heights) <= 16 + 12  # one window wide, a window and a stride high
+    classes = 5
+    # ... plus the columns the next x-group also covers: 4, or 8 before the last window (its start is clipped to 80)
+    assert max(alive) <= classes * 24 * (16 * 28 + 8 * 96)
+    assert max(alive) < 0.2 * classes * 96 * 96 * 24  # MONAI's buffer: the whole volume
 
 
 def test_single_channel_output_is_thresholded_and_progress_is_reported():

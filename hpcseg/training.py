@@ -67,7 +67,9 @@ BUILTINS: dict[str, dict[str, Any]] = {
             # voxels across), so the network need not learn scale, and a whole CT is a few windows.
             "spacing": [3.0, 3.0, 3.0], "roi_size": [48, 48, 48], "overlap": 0.25, "sw_batch_size": 1,
             "intensity": {"a_min": -1000, "a_max": 1000, "b_min": 0.0, "b_max": 1.0, "clip": True},
-            "extra": {"orientation": "LPS", "expect": {"modality": "CT"}, "fast": {"overlap": 0.0}},
+            # extra.augment travels with the model, so its fine-tunes train with the same intensity jitter (below)
+            "extra": {"orientation": "LPS", "expect": {"modality": "CT"}, "fast": {"overlap": 0.0},
+                      "augment": {"jitter": {"scale": 0.005, "shift": 0.0025}}},
         },
         # Realistic phantoms (torso 300-450 mm wide, field of view, spacing, noise and centre drawn per seed);
         # validation seeds are never used for training.
@@ -76,9 +78,10 @@ BUILTINS: dict[str, dict[str, Any]] = {
                      "realistic": {"spacing_range": [1.5, 3.5]}},
         "epochs": 60, "lr": 3e-3, "batch_size": 2, "val_every": 5,
         # The liver (60 HU) differs from muscle (40 HU) by 20 HU, 0.01 of the normalised range: intensity jitter
-        # of ±0.05 (±100 HU) hid it; CT is calibrated in HU, so ±0.0025 (±5 HU) shift and ±0.5 % scale. And a
+        # of ±0.05 (±100 HU) hid it; CT is calibrated in HU, so ±0.0025 (±5 HU) shift and ±0.5 % scale (the
+        # manifest's extra.augment above, kept for fine-tunes: with ±100 HU a fine-tune forgets the liver). And a
         # third of the windows centred on the liver (bg, body, lungs, bone, liver).
-        "jitter": {"scale": 0.005, "shift": 0.0025}, "crop_ratios": [1, 1, 1, 1, 2],
+        "crop_ratios": [1, 1, 1, 1, 2],
         # Continuing from trained weights (--from), batch norm keeps its running statistics while training: with
         # batches of two windows the network otherwise learns to tell the liver from muscle by the batch's own
         # statistics, which a served window (normalised by the running ones) does not have.
@@ -298,12 +301,13 @@ def train(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, epoch
         log.info("%d training cases on the model's grid (%.0f s)", len(data), time.monotonic() - t0)
         roi = manifest.roi_size or [96, 96, 96]
         # windows: 3 of 4 centred on a labelled voxel, or (a recipe's "crop_ratios") on each label value in
-        # proportion; intensity jitter as a fraction of the normalised range (a recipe's "jitter" may narrow it)
+        # proportion; intensity jitter as a fraction of the normalised range (the manifest's extra.augment.jitter
+        # may narrow it: a model that tells tissues apart by a few HU must not be trained to ignore shifts of 100)
         ratios = recipe.get("crop_ratios")
         crop = (RandCropByLabelClassesd(["image", "label"], "label", roi, ratios=ratios, num_classes=len(ratios),
                                         num_samples=1, warn=False) if ratios else
                 RandCropByPosNegLabeld(["image", "label"], "label", roi, pos=3, neg=1, num_samples=1))
-        jitter = {"scale": 0.1, "shift": 0.05, **recipe.get("jitter", {})}
+        jitter = {"scale": 0.1, "shift": 0.05, **((manifest.extra.get("augment") or {}).get("jitter") or {})}
         augment = Compose([SpatialPadd(["image", "label"], roi), crop,
                            RandScaleIntensityd("image", jitter["scale"], prob=0.5),
                            RandShiftIntensityd("image", jitter["shift"], prob=0.5)])
@@ -322,7 +326,9 @@ def train(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, epoch
                 return score(lambda im: segment(im, net, manifest, {}, device=dev), gate_val, manifest.labels)
 
         history, best, best_state = [], -float("inf"), None
-        frozen_norm = bool(recipe.get("frozen_norm")) and start_weights is not None
+        # continuing from trained weights (a fine-tune, or a built-in with --from): batch norm keeps the running
+        # statistics it is served with; batches of two windows would otherwise re-teach it the batch's own
+        frozen_norm = start_weights is not None and bool(recipe.get("frozen_norm", True))
         for epoch in range(1, epochs + 1):
             te = time.monotonic()
             net.train()

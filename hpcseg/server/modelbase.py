@@ -42,7 +42,9 @@ class ModelManifest:
     "b_max", "clip"}`` (MONAI's ScaleIntensityRange) or ``{"normalize": true, "nonzero": false}`` (z-score), or a
     list of steps applied in order (see :func:`hpcseg.server.inference.scale_intensity` for every kind of step).
     ``extra`` holds the rest: ``orientation`` (e.g. "RAS": axes the network expects), ``expect`` (input QA, see
-    :func:`hpcseg.imaging.check_input`), ``threshold`` (single-channel networks), training provenance.
+    :func:`hpcseg.imaging.check_input`), ``threshold`` (single-channel networks), ``augment`` (how fine-tunes
+    augment: ``{"jitter": {"scale": s, "shift": t}}``, intensity jitter as fractions of the normalised range),
+    training provenance (``trained``).
 
     Example::
 

@@ -1,13 +1,13 @@
 """Fine-tuning the built-in phantom-unet on masks that leave a label out: the gate keeps what they do not teach.
 
 The scenario of issue 15: a dataset annotates body, lungs and bone but not liver (its masks have 0 where the
-liver is). With the loss masked for labels a case does not annotate, a default fine-tune (lr 3e-4) keeps the
-liver's Dice on the model's reference set within the gate's tolerance and is promoted. With masking disabled
-(the test-only switch) the network learns the liver as background and the gate refuses the version, naming the
-label; that run uses lr 1e-3 for 6 epochs, because at the default lr the best validation epoch (the dataset
-has no liver to notice) is the first, where the unmasked liver has dropped only 0.013. Measured at lr 1e-3 the
-masked run drops the liver too, 0.836 -> 0.749, against 0.612 unmasked: masking is not enough to fine-tune
-that hard, and the gate refuses both.
+liver is). The same run (6 epochs at lr 7e-4) twice: with the loss masked for labels a case does not annotate,
+the liver's Dice on the model's reference set stays within the gate's tolerance and the version is promoted;
+with masking disabled (the test-only switch) the network learns the liver as background and the gate refuses
+the version, naming the label. Measured with phantom-unet 2.1.0 (liver 0.950 before): masked 0.941, unmasked
+0.858. (At the default lr 3e-4 the best validation epoch, chosen on a dataset with no liver to notice, comes
+before the unmasked run has forgotten much: 0.943; at 2e-3 the masked run drifts too, 0.891, and the gate
+refuses both.)
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ def _row(record, set_name, label):
     return next(r for r in record["rows"] if r["set"] == set_name and r["label"] == label)
 
 
-@pytest.mark.parametrize("masked,epochs,lr", [(True, 4, None), (False, 6, 1e-3)], ids=["masked", "unmasked"])
-def test_a_label_left_out_is_kept_and_unmasking_is_refused(no_liver_dataset, tmp_path, masked, epochs, lr):
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
+def test_a_label_left_out_is_kept_and_unmasking_is_refused(no_liver_dataset, tmp_path, masked):
     models = tmp_path / "models"
-    record = finetune(models, "phantom-unet", no_liver_dataset, epochs=epochs, device="cpu", masked=masked, lr=lr)
+    record = finetune(models, "phantom-unet", no_liver_dataset, epochs=6, device="cpu", masked=masked, lr=7e-4)
     liver = _row(record, "reference", "liver")
     print(f"masked={masked}:", *(f"\n  {r['set']:<10} {r['label']:<6} {r['before']} -> {r['after']}"
                                    for r in record["rows"]), "\n ", record["reasons"])

@@ -16,6 +16,7 @@ Run (minutes on 2 cores; prints as it goes)::
     python bench/bench_inference.py                 # everything
     python bench/bench_inference.py --size 256 256 150 --classes 14     # quicker
     python bench/bench_inference.py --classes 14 --runtime openvino     # the network through OpenVINO, both sides
+    python bench/bench_inference.py --size 256 256 900 --classes 14 --layout x   # a long volume, layout forced
 
 ``--runtime`` picks the network's runtime for every variant (torch by default; openvino is what the server uses on
 a CPU): the stitching is the same code either way, but the share of the time that is not the network grows as
@@ -58,19 +59,25 @@ def _rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def estimate_bytes(variant: str, classes: int, size: tuple[int, int, int], roi: int, overlap: float) -> int:
+def estimate_bytes(variant: str, classes: int, size: tuple[int, int, int], roi: int, overlap: float,
+                   layout: str = "auto") -> int:
     """What a variant's stitching needs beyond the input, in bytes (float32 logits, MONAI's int64 argmax)."""
     x, y, z = size
     stride = max(int(roi * (1 - overlap)), 1)
     window = classes * roi**3 * 4 * 8  # the network's last activations at C channels for one window (measured)
     if variant == "monai":  # output + count map + argmax (int64) + its uint8 copy
         return classes * x * y * z * 4 + x * y * z * (4 + 8 + 1) + window
-    # the slab stitcher: one x-slab's alive y-chunks (a window wide and high, all of z) and
-    # the summed overlap carried to the next x-group (at most roi - the smallest x-stride columns, all of y and z)
-    last_stride = max(x - roi, 0) - (-(-max(x - roi, 0) // stride) - 1) * stride if x > roi else roi
-    carry = roi - min(stride, last_stride) if x > roi else 0
-    peak = z * (min(x, roi) * min(y, roi) + carry * y)
-    return (classes + 1) * peak * 4 + x * y * z + window
+    # the slab stitcher: the floats its layout keeps alive (x- or z-slabs, whichever is fewer: see inference.py)
+    from monai.data.utils import dense_patch_slices
+
+    from hpcseg.server.inference import _alive_x, _alive_z
+
+    grid = [max(s, roi) for s in (x, y, z)]  # padded to the roi, as MONAI pads
+    rois = (roi,) * 3
+    slices = dense_patch_slices(grid, rois, [roi if roi == s else stride for s in grid])
+    alive_x, alive_z = _alive_x(grid, rois, slices), _alive_z(grid, rois, slices)
+    alive = {"x": alive_x, "z": alive_z}.get(layout, min(alive_x, alive_z))
+    return (classes + 1) * alive * 4 + x * y * z + window
 
 
 def child(args: argparse.Namespace) -> None:
@@ -92,7 +99,8 @@ def child(args: argparse.Namespace) -> None:
     if args.runtime == "openvino":  # the same network through the server's CPU runtime, for both variants
         from hpcseg.server.cpu_runtime import OpenVinoPredictor
 
-        call = OpenVinoPredictor.for_model(net, None, {"bench": "UNet 8-16-32-64 res 1, seed 0", "classes": args.classes}, (1, 1, args.roi, args.roi, args.roi))
+        spec = {"bench": "UNet 8-16-32-64 res 1, seed 0", "classes": args.classes}
+        call = OpenVinoPredictor.for_model(net, None, spec, (1, 1, args.roi, args.roi, args.roi))
 
     def predictor(w):
         t = time.perf_counter()
@@ -121,7 +129,7 @@ def child(args: argparse.Namespace) -> None:
                 del logits
                 result["argmax_s"] = time.perf_counter() - t1
             elif args.variant == "slab":
-                labels = sliding_window_labels(x, predictor, roi, 1, args.overlap)
+                labels = sliding_window_labels(x, predictor, roi, 1, args.overlap, layout=args.layout)
             else:  # the server path: a model folder, Model.infer on the SimpleITK image
                 labels = _server_path(args, net, vol)
     except (RuntimeError, MemoryError) as exc:
@@ -162,14 +170,15 @@ def _server_path(args: argparse.Namespace, net, vol: np.ndarray):
 
 def run_variant(variant: str, classes: int, volume: Path, args: argparse.Namespace, labels_out: Path | None) -> dict:
     need = estimate_bytes("monai" if variant == "monai" else "slab", classes, tuple(args.size), args.roi,
-                          args.overlap)
+                          args.overlap, args.layout)
     free = _mem_available()
     head = {"variant": variant, "classes": classes, "estimate_gb": need / 2**30}
     if need > 0.85 * free:
         return {**head, "ok": False, "error": f"fails: needs {need / 2**30:.1f} GB, {free / 2**30:.1f} GB free "
                                               "(not run)"}
     cmd = [sys.executable, __file__, "--child", variant, "--classes", str(classes), "--volume", str(volume),
-           "--runtime", args.runtime, "--roi", str(args.roi), "--overlap", str(args.overlap), "--limit", str(int(0.9 * free))]
+           "--runtime", args.runtime, "--layout", args.layout, "--roi", str(args.roi), "--overlap", str(args.overlap),
+           "--limit", str(int(0.9 * free))]
     if labels_out:
         cmd += ["--labels-out", str(labels_out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -207,6 +216,8 @@ def main() -> None:
     p.add_argument("--skip-codecs", action="store_true")
     p.add_argument("--runtime", choices=["torch", "openvino"], default="torch",
                    help="the network's runtime in both variants (openvino: the server's CPU default)")
+    p.add_argument("--layout", choices=["auto", "x", "z"], default="auto",
+                   help="the slab stitcher's layout (auto: the one that keeps fewer floats alive)")
     p.add_argument("--child", choices=["slab", "monai", "server"])
     p.add_argument("--volume", type=Path)
     p.add_argument("--labels-out", type=Path)

@@ -1,16 +1,23 @@
 """Network inference for segmentation: model-space preprocessing, slab-stitched sliding windows, and back.
 
 Why a slab: MONAI's ``sliding_window_inference`` stitches every class of the whole volume in float32 (512×512×300
-at 14 classes: 4.4 GB plus a count map; 105 classes: 33 GB) and its final argmax over that is slow. MONAI visits
-its windows x-start by x-start (the first spatial axis is the slowest in ``dense_patch_slices``), so here the
-volume is cut into x-slabs, one per x-group (the windows sharing an x-start): when a group is done, no later window
-reaches the slab left of the next group's start, and it becomes uint8 labels at once. Within a slab the
-accumulators are also cut along y at the windows' edges, and a chunk is argmax'ed and freed as soon as the windows
-(which come in y order within a group) have moved past it. Between groups only the summed overlap with the next
-group survives, one tensor (``classes × (roi_x - stride_x) × Y × Z``): every window of a group comes before every
-window of the next in MONAI's order, so summing the group's contributions before the next group's is MONAI's own
-order. Peak memory is about ``classes × Z × (roi_x × roi_y + (roi_x - stride_x) × Y)`` floats instead of MONAI's
-``classes × X × Y × Z``: for the volume above at roi 96, overlap 0.25, under a tenth of MONAI's.
+at 14 classes: 4.4 GB plus a count map; 105 classes: 33 GB) and its final argmax over that is slow. Here only the
+part of the volume that windows still reach is kept in float, and finished parts become uint8 labels at once,
+in one of two layouts, whichever keeps fewer floats alive for the volume (``layout="auto"``):
+
+- **x-slabs** (most volumes). MONAI visits its windows x-start by x-start (the first spatial axis is the slowest in
+  ``dense_patch_slices``), so the volume is cut into x-slabs, one per x-group (the windows sharing an x-start):
+  when a group is done, no later window reaches the slab left of the next group's start. Within a slab the
+  accumulators are cut along y at the windows' edges, and a chunk is argmax'ed and freed as soon as the windows
+  (in y order within a group) have moved past it. Between groups only the summed overlap with the next group
+  survives, one tensor of ``classes × (roi_x - stride_x) × Y × Z``: every window of a group comes before every
+  window of the next in MONAI's order, so summing a group's contributions before the next group's is MONAI's own
+  order. Peak about ``classes × Z × (roi_x × roi_y + (roi_x - stride_x) × Y)`` floats; at 512×512×300, roi 96,
+  overlap 0.25, under a tenth of MONAI's ``classes × X × Y × Z``.
+- **z-slabs** (long volumes, e.g. a whole-body CT of 1 000+ slices, where x-slabs would grow with Z). Windows are
+  visited z-group by z-group; a window's part below the next z-group is kept apart (its "tail") and added again
+  just before the window at the same (x, y) position in the next group, which is MONAI's per-voxel order. Peak
+  about ``classes × Y × (roi_x × slab + 1.8 × X × (roi_z - stride_z))``, independent of the number of slices.
 
 The labels are identical to ``sliding_window_inference(...).argmax(1)``: same windows (MONAI's own
 ``dense_patch_slices`` and ``compute_importance_map``), same padding, and for every voxel the weighted predictions are
@@ -55,14 +62,15 @@ def sliding_window_labels(inputs: torch.Tensor, predictor: Predictor, roi_size: 
                           sw_batch_size: int = 1, overlap: float = 0.25, mode: str = "constant",
                           sigma_scale: float = 0.125, padding_mode: str = "constant", cval: float = 0.0,
                           sw_device: torch.device | str | None = None, device: torch.device | str | None = None,
-                          threshold: float = 0.0,
-                          progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                          threshold: float = 0.0, progress: Callable[[int, int], None] | None = None,
+                          layout: str = "auto") -> torch.Tensor:
     """Label map (uint8, uint16 past 256 classes) of ``inputs`` (1, C_in, *spatial) by slab-stitched windows.
 
     Arguments mean what they mean for MONAI's ``sliding_window_inference``; ``device`` holds the slab buffers
     (default: the inputs' device), the labels come back on the CPU with shape ``spatial``. A single-channel output
     is thresholded at ``threshold`` instead of argmax'ed. ``progress(done, total)`` (windows) is called after each
-    batch; the callback may raise to abort the request (the exception leaves this function at once).
+    batch; the callback may raise to abort the request (the exception leaves this function at once). ``layout``:
+    ``"x"`` or ``"z"`` slabs (see the module docstring), ``"auto"`` the one that keeps fewer floats alive.
 
     Example::
 
@@ -93,33 +101,84 @@ def sliding_window_labels(inputs: torch.Tensor, predictor: Predictor, roi_size: 
                                device=sw_device, dtype=compute_dtype)[None, None].to(compute_dtype)
     w_out = w.to(device)[0]
 
-    x_len = image_size[0]
-    starts = sorted({s[0].start for s in slices})
+    if layout == "auto":
+        layout = "x" if _alive_x(image_size, roi, slices) <= _alive_z(image_size, roi, slices) else "z"
+    if layout not in ("x", "z"):
+        raise ValueError(f"layout must be 'auto', 'x' or 'z', got {layout!r}")
+    run = _stitch_x if layout == "x" else _stitch_z
+    counter = [0]
+
+    def predict(batch: list[tuple[slice, ...]]) -> torch.Tensor:
+        """Weighted predictions of a batch of windows (on ``device``); reports progress after it."""
+        if len(batch) > 1:
+            win = torch.cat([inputs[(slice(0, 1), slice(None), *s)] for s in batch]).to(sw_device)
+        else:
+            win = inputs[(slice(0, 1), slice(None), *batch[0])].to(sw_device)
+        out = predictor(win)
+        if tuple(out.shape[2:]) != tuple(roi):
+            raise ValueError(f"the network returned windows of {tuple(out.shape[2:])} for input windows of "
+                             f"{tuple(roi)}: only same-size outputs are supported")
+        out *= w  # in place, as MONAI does: same products
+        counter[0] += len(batch)
+        if progress is not None:
+            progress(counter[0], len(slices))
+        return out.to(device)
+
+    labels_zyx = run(slices, roi, image_size, predict, w_out, sw_batch_size, compute_dtype, device, threshold)
+    out_labels = torch.from_numpy(labels_zyx).permute(*reversed(range(nd)))  # (X, Y, Z) view of a (Z, Y, X) array
+    if any(pad):
+        crop = tuple(slice(pad[2 * (nd - 1 - d)], pad[2 * (nd - 1 - d)] + spatial_in[d]) for d in range(nd))
+        out_labels = out_labels[crop]
+    return out_labels
+
+
+def _starts(slices: list, axis: int) -> list[int]:
+    return sorted({s[axis].start for s in slices})
+
+
+def _max_overlap(starts: list[int], roi: int) -> int:
+    """The most a window reaches past the next start along one axis (0 without overlap)."""
+    return max([0] + [a + roi - b for a, b in zip(starts, starts[1:], strict=False)])
+
+
+def _alive_x(size: Sequence[int], roi: Sequence[int], slices: list) -> int:
+    """Floats per class alive at once with x-slabs: a window-high stack of y-chunks, all of z (and the further
+    axes), plus the summed overlap carried to the next x-group over the whole of y."""
+    rest = int(np.prod(size[2:]))
+    return rest * (roi[0] * min(size[1], roi[1] + _max_overlap(_starts(slices, 1), roi[1]))
+                   + _max_overlap(_starts(slices, 0), roi[0]) * size[1])
+
+
+def _alive_z(size: Sequence[int], roi: Sequence[int], slices: list) -> int:
+    """Floats per class alive at once with z-slabs: a window-wide stack of x-chunks of the slab, plus every window's
+    own tail below the next z-group (the windows overlap in x and y, so the tails overlap too)."""
+    zs = _starts(slices, -1)
+    depth = max(b - a for a, b in zip(zs, [*zs[1:], size[-1]], strict=True))
+    n_cols = len({tuple((t.start, t.stop) for t in s[:-1]) for s in slices})
+    mid = int(np.prod(size[1:-1]))
+    x_alive = min(size[0], roi[0] + _max_overlap(_starts(slices, 0), roi[0]))
+    return depth * x_alive * mid + n_cols * int(np.prod(roi[:-1])) * _max_overlap(zs, roi[-1])
+
+
+def _new_labels(image_size: Sequence[int], lab: torch.Tensor) -> np.ndarray:
+    return np.zeros(list(reversed(image_size)), np.uint8 if lab.dtype == torch.uint8 else np.uint16)
+
+
+def _stitch_x(slices, roi, image_size, predict, w_out, sw_batch_size, dtype, device, threshold) -> np.ndarray:
+    """x-slabs: one summed overlap carried between x-groups. Memory ~ classes × Z × (roi_x × roi_y + overlap × Y)."""
+    nd = len(image_size)
+    starts = _starts(slices, 0)
     cuts = sorted({s[1].start for s in slices} | {s[1].stop for s in slices})  # y edges of the windows
     carry: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # y-chunk -> earlier groups' sums left of x0 + w
     labels_zyx: np.ndarray | None = None
-    n_done = 0
     for g, x0 in enumerate(starts):
-        x_next = starts[g + 1] if g + 1 < len(starts) else x_len
+        x_next = starts[g + 1] if g + 1 < len(starts) else image_size[0]
         group = [s for s in slices if s[0].start == x0]  # MONAI order restricted to the group: y, then z, ...
-        slab = _Slab(cuts, roi[0], image_size[2:], compute_dtype, device, carry)
+        slab = _XSlab(cuts, roi[0], image_size[2:], dtype, device, carry)
         for b in range(0, len(group), sw_batch_size):
             batch = group[b : b + sw_batch_size]
-            if len(batch) > 1:
-                win = torch.cat([inputs[(slice(0, 1), slice(None), *s)] for s in batch]).to(sw_device)
-            else:
-                win = inputs[(slice(0, 1), slice(None), *batch[0])].to(sw_device)
-            out = predictor(win)
-            if tuple(out.shape[2:]) != tuple(roi):
-                raise ValueError(f"the network returned windows of {tuple(out.shape[2:])} for input windows of "
-                                 f"{tuple(roi)}: only same-size outputs are supported")
-            out *= w  # in place, as MONAI does: same products
-            out = out.to(device)
-            for s, pred in zip(batch, out, strict=True):
+            for s, pred in zip(batch, predict(batch), strict=True):
                 slab.add(s, pred, w_out)
-            n_done += len(batch)
-            if progress is not None:
-                progress(n_done, len(slices))
             # windows come in y order: chunks above the next window's start are final left of x_next
             y_next = group[b + sw_batch_size][1].start if b + sw_batch_size < len(group) else image_size[1]
             for c, acc, cnt in slab.finished(y_next):
@@ -131,19 +190,61 @@ def sliding_window_labels(inputs: torch.Tensor, predictor: Predictor, roi_size: 
                 lab = _to_labels(acc, threshold)  # (dx, dy, ...)
                 del acc, cnt
                 if labels_zyx is None:
-                    labels_zyx = np.zeros(list(reversed(image_size)), np.uint8 if lab.dtype == torch.uint8
-                                          else np.uint16)
+                    labels_zyx = _new_labels(image_size, lab)
                 labels_zyx[(*[slice(None)] * (nd - 2), slice(cuts[c], cuts[c + 1]), slice(x0, x_next))] = (
                     lab.permute(*reversed(range(nd))).cpu().numpy())
     assert labels_zyx is not None and not carry
-    out_labels = torch.from_numpy(labels_zyx).permute(*reversed(range(nd)))  # (X, Y, Z) view of a (Z, Y, X) array
-    if any(pad):
-        crop = tuple(slice(pad[2 * (nd - 1 - d)], pad[2 * (nd - 1 - d)] + spatial_in[d]) for d in range(nd))
-        out_labels = out_labels[crop]
-    return out_labels
+    return labels_zyx
 
 
-class _Slab:
+def _stitch_z(slices, roi, image_size, predict, w_out, sw_batch_size, dtype, device, threshold) -> np.ndarray:
+    """z-slabs: every window's tail kept apart until its (x, y) position is visited again in the next z-group, and
+    replayed before that window, which is MONAI's per-voxel order. Memory ~ classes × Y × (roi_x × slab + 1.8 × X
+    × overlap_z): independent of the number of slices, so long volumes (whole-body CT) take this layout."""
+    nd = len(image_size)
+    z_len = image_size[-1]
+    starts = _starts(slices, -1)
+    cuts = sorted({s[0].start for s in slices} | {s[0].stop for s in slices})  # x edges of the windows
+    # stored[xy] = [(z_from, offset in the window at z_from, weighted prediction for z >= z_from)]: the tails of
+    # earlier z-groups' windows at this (x, y) position, oldest first
+    stored: dict[tuple, list[tuple[int, int, torch.Tensor]]] = {}
+    labels_zyx: np.ndarray | None = None
+    done = 0
+    for g, z0 in enumerate(starts):
+        z_next = starts[g + 1] if g + 1 < len(starts) else z_len
+        group = [s for s in slices if s[-1].start == z0]  # MONAI order restricted to the group: x, then y, ...
+        slab = _ZSlab(cuts, [*image_size[1:-1], z_next - done], dtype, device)
+        for b in range(0, len(group), sw_batch_size):
+            batch = group[b : b + sw_batch_size]
+            for s, pred in zip(batch, predict(batch), strict=True):
+                xy = tuple((t.start, t.stop) for t in s[:-1])
+                # the earlier groups' tails for this (x, y) first, then this window: MONAI's per-voxel order
+                for zf, off, tail in stored.get(xy, []):  # tail: z in [zf, zf + len), window offset off at zf
+                    lo, hi = max(zf, done), min(zf + tail.shape[-1], z_next)
+                    if hi > lo:
+                        slab.add(s, slice(lo - done, hi - done), tail[..., lo - zf : hi - zf],
+                                 w_out[..., lo - zf + off : hi - zf + off])
+                hi = min(z0 + roi[-1], z_next)
+                slab.add(s, slice(z0 - done, hi - done), pred[..., : hi - z0], w_out[..., : hi - z0])
+                if z0 + roi[-1] > z_next:  # keep what overlaps the next z-groups, nothing more
+                    stored.setdefault(xy, []).append((z_next, z_next - z0, pred[..., z_next - z0 :].clone()))
+            # windows come in x order: columns left of the next window's start are final in this slab
+            x_next = group[b + sw_batch_size][0].start if b + sw_batch_size < len(group) else image_size[0]
+            for a, e, acc in slab.finished(x_next):
+                lab = _to_labels(acc, threshold)  # (dx, Y, ..., dz)
+                if labels_zyx is None:
+                    labels_zyx = _new_labels(image_size, lab)
+                labels_zyx[(slice(done, z_next), *[slice(None)] * (nd - 2), slice(a, e))] = (
+                    lab.permute(*reversed(range(nd))).cpu().numpy())
+        done = z_next
+        for xy, tails in stored.items():  # forget what lies below the finished slab
+            stored[xy] = [(zf, off, t) if zf >= done else _trim(zf, off, t, done) for zf, off, t in tails
+                          if zf + t.shape[-1] > done]
+    assert labels_zyx is not None
+    return labels_zyx
+
+
+class _XSlab:
     """Weighted logits and weights of one x-slab (one x-group's windows, ``width`` = roi_x), cut along y at the
     windows' edges.
 
@@ -183,6 +284,46 @@ class _Slab:
             if self.cuts[c + 1] > y_next:
                 break
             yield c, self.acc.pop(c), self.cnt.pop(c)
+
+
+class _ZSlab:
+    """Weighted logits and weights of one z-slab, cut along x at the windows' edges.
+
+    A column chunk is allocated when a window first touches it and handed back by :meth:`finished` (divided by its
+    weights, in place as MONAI divides) once no later window can reach it, so at most about one window's width of
+    columns is alive: memory ~ classes × roi_x × Y × slab depth, not × X.
+    """
+
+    def __init__(self, cuts: list[int], rest: list[int], dtype: torch.dtype, device: torch.device) -> None:
+        self.cuts, self.rest, self.dtype, self.device = cuts, rest, dtype, device
+        self.acc: dict[int, torch.Tensor] = {}
+        self.cnt: dict[int, torch.Tensor] = {}
+
+    def add(self, window: tuple[slice, ...], z: slice, values: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add ``values`` (C, roi_x, ..., dz) and ``weights`` (1, roi_x, ..., dz) of a window at slab depth ``z``."""
+        xa, xb = window[0].start, window[0].stop
+        rest = (*window[1:-1], z)
+        for c in range(bisect.bisect_left(self.cuts, xa), bisect.bisect_left(self.cuts, xb)):
+            a, b = self.cuts[c], self.cuts[c + 1]
+            if c not in self.acc:
+                self.acc[c] = torch.zeros([values.shape[0], b - a, *self.rest], dtype=self.dtype, device=self.device)
+                self.cnt[c] = torch.zeros([1, b - a, *self.rest], dtype=self.dtype, device=self.device)
+            self.acc[c][(slice(None), slice(None), *rest)] += values[:, a - xa : b - xa]
+            self.cnt[c][(slice(None), slice(None), *rest)] += weights[:, a - xa : b - xa]
+
+    def finished(self, x_next: int):
+        """Yield ``(x_from, x_to, averaged logits)`` of every chunk that ends at or before ``x_next``, in x order."""
+        for c in sorted(self.acc):
+            if self.cuts[c + 1] > x_next:
+                break
+            acc, cnt = self.acc.pop(c), self.cnt.pop(c)
+            acc /= cnt
+            yield self.cuts[c], self.cuts[c + 1], acc
+
+
+def _trim(zf: int, off: int, t: torch.Tensor, done: int) -> tuple[int, int, torch.Tensor]:
+    """A stored tail cut to z >= done (copied, so the memory of the cut part is released)."""
+    return done, off + (done - zf), t[..., done - zf :].clone()
 
 
 def _to_labels(avg: torch.Tensor, threshold: float) -> torch.Tensor:

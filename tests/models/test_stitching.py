@@ -31,11 +31,12 @@ def _monai(x, predictor, roi, sw, overlap, mode="constant"):
         return sliding_window_inference(x, roi, sw, predictor, overlap=overlap, mode=mode).argmax(1)[0]
 
 
+@pytest.mark.parametrize("layout", ["x", "z", "auto"])
 @pytest.mark.parametrize("size,roi,overlap,mode,sw", CASES)
-def test_labels_equal_monai_with_a_random_unet(net, size, roi, overlap, mode, sw):
+def test_labels_equal_monai_with_a_random_unet(net, size, roi, overlap, mode, sw, layout):
     x = torch.randn(1, 1, *size, generator=torch.Generator().manual_seed(sum(size)))
     with torch.no_grad():
-        labels = sliding_window_labels(x, net, roi, sw, overlap, mode=mode)
+        labels = sliding_window_labels(x, net, roi, sw, overlap, mode=mode, layout=layout)
     expected = _monai(x, net, roi, sw, overlap, mode)
     assert labels.shape == tuple(size) and labels.dtype == torch.uint8
     assert torch.equal(labels, expected.to(torch.uint8))
@@ -66,25 +67,26 @@ def _z_outer_stitch(x, predictor, roi, overlap):
     return (acc / cnt).argmax(0).to(torch.uint8)
 
 
+@pytest.mark.parametrize("layout", ["x", "z"])
 @pytest.mark.parametrize("size,roi,overlap", [((33, 29, 41), (16, 16, 16), 0.5), ((20, 18, 36), (12, 12, 16), 0.75)])
-def test_summation_order_is_monais_even_when_it_decides_the_label(size, roi, overlap):
+def test_summation_order_is_monais_even_when_it_decides_the_label(size, roi, overlap, layout):
     predict = _tie_maker()
     x = torch.randn(1, 1, *size, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         expected = _monai(x, predict, roi, 1, overlap).to(torch.uint8)
-        labels = sliding_window_labels(x, predict, roi, 1, overlap)
+        labels = sliding_window_labels(x, predict, roi, 1, overlap, layout=layout)
         control = _z_outer_stitch(x, predict, roi, overlap)
     assert (control != expected).sum() > 100  # the test can tell a wrong order apart...
     assert torch.equal(labels, expected)  # ...and the slab stitcher adds in MONAI's order
 
 
-def test_slab_buffers_stay_small(net, monkeypatch):
-    """Alive accumulators never span more than one window in x and about one in y, plus the summed overlap with
-    the next x-group: a fraction of MONAI's whole-volume buffer."""
+def test_x_slab_buffers_stay_small(net, monkeypatch):
+    """x-slabs: alive accumulators never span more than one window in x and about one in y, plus the summed
+    overlap with the next x-group: a fraction of MONAI's whole-volume buffer."""
     from hpcseg.server import inference
 
     heights, widths, alive = [], [], []
-    real_add = inference._Slab.add
+    real_add = inference._XSlab.add
 
     def add(self, *args):
         real_add(self, *args)
@@ -92,16 +94,44 @@ def test_slab_buffers_stay_small(net, monkeypatch):
         widths.append(max(t.shape[1] for t in self.acc.values()))
         alive.append(sum(t.numel() for t in self.acc.values()) + sum(a.numel() for a, _ in self.carry.values()))
 
-    monkeypatch.setattr(inference._Slab, "add", add)
+    monkeypatch.setattr(inference._XSlab, "add", add)
     x = torch.randn(1, 1, 96, 96, 24)
     with torch.no_grad():
-        labels = sliding_window_labels(x, net, (16, 16, 16), 1, 0.25)
+        labels = sliding_window_labels(x, net, (16, 16, 16), 1, 0.25)  # auto: x-slabs for this shape
+    assert alive, "x-slabs were used"
     assert torch.equal(labels, _monai(x, net, (16, 16, 16), 1, 0.25).to(torch.uint8))
     assert max(widths) == 16 and max(heights) <= 16 + 12  # one window wide, a window and a stride high
     classes = 5
     # ... plus the columns the next x-group also covers: 4, or 8 before the last window (its start is clipped to 80)
     assert max(alive) <= classes * 24 * (16 * 28 + 8 * 96)
     assert max(alive) < 0.2 * classes * 96 * 96 * 24  # MONAI's buffer: the whole volume
+
+
+def test_a_long_volume_takes_z_slabs_whose_buffers_do_not_grow_with_its_length(net, monkeypatch):
+    """A whole-body-like volume (long in z): x-slabs would keep all of z alive, so auto picks z-slabs, whose
+    accumulators span about one window in x and one slab in z however long the volume."""
+    from hpcseg.server import inference
+
+    widths, depths = [], []
+    real_add = inference._ZSlab.add
+
+    def add(self, *args):
+        real_add(self, *args)
+        widths.append(sum(t.shape[1] for t in self.acc.values()))
+        depths.append(max(t.shape[-1] for t in self.acc.values()))
+
+    monkeypatch.setattr(inference._ZSlab, "add", add)
+    x = torch.randn(1, 1, 40, 40, 200)
+    with torch.no_grad():
+        labels = sliding_window_labels(x, net, (16, 16, 16), 1, 0.25)
+    assert widths, "z-slabs were used"
+    assert torch.equal(labels, _monai(x, net, (16, 16, 16), 1, 0.25).to(torch.uint8))
+    assert max(widths) <= 16 + 12 and max(depths) <= 16  # roi + stride columns, a slab of at most roi slices
+
+
+def test_an_unknown_layout_is_refused():
+    with pytest.raises(ValueError, match="layout"):
+        sliding_window_labels(torch.randn(1, 1, 20, 20, 20), lambda w: w.clone(), (8, 8, 8), layout="y")
 
 
 def test_single_channel_output_is_thresholded_and_progress_is_reported():

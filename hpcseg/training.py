@@ -82,10 +82,6 @@ BUILTINS: dict[str, dict[str, Any]] = {
         # manifest's extra.augment above, kept for fine-tunes: with ±100 HU a fine-tune forgets the liver). And a
         # third of the windows centred on the liver (bg, body, lungs, bone, liver).
         "crop_ratios": [1, 1, 1, 1, 2],
-        # Continuing from trained weights (--from), batch norm keeps its running statistics while training: with
-        # batches of two windows the network otherwise learns to tell the liver from muscle by the batch's own
-        # statistics, which a served window (normalised by the running ones) does not have.
-        "frozen_norm": True,
         # The reference validation set kept with the model (reference.json): phantoms across sizes. The gate
         # compares every fine-tuned version with its base on these, label by label.
         "reference": {"phantoms": [
@@ -326,9 +322,10 @@ def train(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, epoch
                 return score(lambda im: segment(im, net, manifest, {}, device=dev), gate_val, manifest.labels)
 
         history, best, best_state = [], -float("inf"), None
-        # continuing from trained weights (a fine-tune, or a built-in with --from): batch norm keeps the running
-        # statistics it is served with; batches of two windows would otherwise re-teach it the batch's own
-        frozen_norm = start_weights is not None and bool(recipe.get("frozen_norm", True))
+        # Continuing from trained weights (a fine-tune, or a built-in with --from), batch norm keeps the running
+        # statistics it is served with: with batches of two windows the network otherwise learns to tell the liver
+        # from muscle by the batch's own statistics, which a served window does not have.
+        frozen_norm = start_weights is not None
         for epoch in range(1, epochs + 1):
             te = time.monotonic()
             net.train()

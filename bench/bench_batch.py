@@ -16,7 +16,7 @@ machine's shared cores; the client<->login link as up.sh leaves it, fast), with 
    window × K (how busy the K tasks kept the model).
 
 Each side gets a work dir of its own on the cluster, removed at the end; nothing asserts on time. Run as root
-(the cluster lives in network namespaces), a few minutes on 2 cores::
+(the cluster is Docker containers), a few minutes on 2 cores::
 
     python bench/bench_batch.py
     python bench/bench_batch.py --cases 8 --size 128 128 64 --tasks 4

@@ -23,7 +23,7 @@ download, decode); under 1 means compression more than pays for its CPU time. No
 shared cluster's link can be reset to fast by another process's up.sh: each timed step is checked and measured
 again if that happened. The link is made fast again, the jobs cancelled and the files removed in ``finally``.
 
-Run as root (the cluster lives in network namespaces), 3-6 minutes on 2 cores (mostly the model)::
+Run as root (the cluster is Docker containers), 3-6 minutes on 2 cores (mostly the model)::
 
     python bench/bench_roundtrip.py
     python bench/bench_roundtrip.py --size 256 256 120 --codecs zstd --rate 20mbit

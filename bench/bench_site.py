@@ -12,7 +12,7 @@ one SSH connection opened before the clock starts, interleaved ``--repeat`` time
 Printed: the median seconds of each and the ratios cold / warm and warm / baseline (the site layer's cost per
 command, in round trips). Nothing asserts on time. The folder on the cluster is removed in ``finally``.
 
-Run as root (the cluster lives in network namespaces), ~10 s on 2 cores::
+Run as root (the cluster is Docker containers), ~10 s on 2 cores::
 
     python bench/bench_site.py [--templates 8] [--repeat 20]
 """

@@ -13,7 +13,7 @@ Printed: the counts (failed requests, hangs over the request deadline, wrong mas
 sent again, inferences the server ran more than once) and the ratios soak / baseline of requests per minute and of
 the median and 99th-percentile request time. Nothing is asserted. The server job is cancelled at the end.
 
-Run as root (the cluster lives in network namespaces)::
+Run as root (the cluster is Docker containers)::
 
     python bench/bench_soak.py                        # 5 min baseline, 30 min soak
     python bench/bench_soak.py --minutes 5 --baseline 2

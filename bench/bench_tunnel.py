@@ -17,7 +17,7 @@ goes on the shared cores hits them alike. Ratios are hpcseg Tunnel / OpenSSH. Th
 ``--slow`` (tbf on both ends of the client<->login link), and is made fast again in a ``finally``. The sink job is
 cancelled and its folder removed at the end.
 
-Run as root (the cluster lives in network namespaces), about 30 s on the fast link (2 min with --slow)::
+Run as root (the cluster is Docker containers), about 30 s on the fast link (2 min with --slow)::
 
     python bench/bench_tunnel.py                  # 300 MB each way, 3 repeats, fast link
     python bench/bench_tunnel.py --mb 100 --repeat 2 --slow

@@ -17,7 +17,7 @@ Printed per link: seconds, raw MB/s (raw voxel bytes per second: what the user g
 (``prepare_pair``: read, validate, re-encode, hash) is timed separately to show where the time goes. Nothing
 asserts on time. The link is made fast again and every remote folder removed in ``finally`` blocks.
 
-Run as root (the cluster lives in network namespaces), under a minute on 2 cores::
+Run as root (the cluster is Docker containers), under a minute on 2 cores::
 
     python bench/bench_upload.py
     python bench/bench_upload.py --pairs 2 --size 512 512 300 --links slow --rate 50mbit

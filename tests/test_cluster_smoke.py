@@ -156,7 +156,7 @@ def test_http_server_on_compute_reachable_only_through_login(cluster, workdir, n
     tunnel = None
     try:
         port = int(wait_for_file(cluster, f"{workdir}/port").strip())
-        # no route from the client's namespace to the compute node
+        # no route from the client (this machine) to the compute node
         with pytest.raises(OSError):
             socket.create_connection((cluster.compute_ips[node], port), timeout=3).close()
         local = _free_local_port()

@@ -9,9 +9,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_no_test_kills_processes_by_name():
-    """Issue 13, point 14: network namespaces do not isolate pids, so `pkill -x slurmctld` run "inside" the test
-    cluster's login namespace killed every slurmctld on the machine. Tests and benchmarks stop what they started
-    by its pid (tests/cluster/lib.sh: stop_pid)."""
+    """Issue 13, point 14: `pkill -x slurmctld`, run "inside" the old namespace test cluster, killed every slurmctld
+    on the machine. Tests and benchmarks stop what they started by its pid, or inside a node's container by its
+    pid file (tests/cluster/node/node-daemon.sh)."""
     broad = re.compile(r"""(?:^|[\s"'\[(,;|&])(pkill|killall)(?:["'\s,]|$)""")
     offenders = []
     for folder in ("tests", "bench"):

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Switch Slurm accounting of the running test cluster off or on, for real, for every user of the cluster.
-#   off: slurmdbd is stopped, and the slurm.conf that users, jobs and slurmd read says
+#   off: slurmdbd (on the controller) is stopped, and the slurm.conf that users, jobs and slurmd read says
 #        AccountingStorageType=accounting_storage/none: `sacct` fails with "Slurm accounting storage is disabled"
-#        (exit 1), `sacctmgr` cannot work, nothing answers for finished jobs but the jobs' own files.
+#        (exit 1), nothing answers for finished jobs but the jobs' own files.
 #   on:  slurmdbd is started again, the users' slurm.conf names it again; waits until slurmctld has handed
-#        slurmdbd what it queued meanwhile (job starts and ends), so sacct is complete when this returns.
-# slurmctld is never restarted: running and queued jobs are not disturbed, and no job record is lost. It keeps
-# its own config (slurmctld.conf, accounting via slurmdbd) and queues accounting messages while slurmdbd is
-# down, exactly as a site's controller does when its database goes away.
+#        slurmdbd what it queued meanwhile, so sacct is complete when this returns.
+# slurmctld is never restarted: running and queued jobs are not disturbed. It keeps its own config
+# (slurmctld.conf, accounting via slurmdbd) and queues accounting messages while slurmdbd is down, as a site's
+# controller does when its database goes away.
 #   usage: accounting.sh on|off|status       (run as root; the cluster must be up)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 require_root
@@ -19,18 +19,13 @@ case "$want" in
 esac
 take_lock
 T0=$(date +%s%N)
-[ -f "$SLURM_CONF" ] && pid_ok "$SLURM_RUN/slurmctld.pid" slurmctld "$NS_LOGIN" && ctld_up \
-  || die "the test cluster is not up (no slurmctld): run tests/cluster/up.sh first"
-
+running "$CTL_HOST" && ctld_up || die "the test cluster is not up (no slurmctld): run tests/cluster/up.sh first"
 echo "$want" >"$ACCOUNTING_FLAG"
-write_slurm_conf
+write_slurm_conf   # the nodes mount this directory: every node reads the new slurm.conf at once
+on "$CTL_HOST" node-daemon accounting "$want" || die "node-daemon accounting $want failed"
 if [ "$want" = off ]; then
-  stop_pid "$SLURM_RUN/slurmdbd.pid" slurmdbd
-  rm -f "$RUN/slurmdbd.confsha"
   sacct_disabled || die "sacct still answers with accounting off"
 else
-  ensure_dbd
-  ensure_associations
   wait_until 30 "sacct works" sacct_works || die "sacct does not work with accounting on"
   wait_dbd_queue 25
 fi

@@ -20,7 +20,7 @@ LOGFILE=$DOCKER_STATE/dockerd.log
 BASE_TAG=${HPCSEG_BASE_IMAGE:-debian:bookworm-slim}
 # Debian's docker.io client (a newer `docker` elsewhere on PATH may not speak to this engine's API).
 DOCKER=${DOCKER:-/usr/bin/docker}
-PKGS=(docker.io debootstrap charliecloud ca-certificates)
+PKGS=(docker.io docker-compose debootstrap charliecloud ca-certificates)
 
 log() { printf '[docker %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '[docker] FAILED: %s\n' "$*" >&2; exit 1; }

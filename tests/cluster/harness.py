@@ -1,9 +1,11 @@
-"""Python side of the real test cluster (tests/cluster/*.sh): start it once, describe it, act on it.
+"""Python side of the real test cluster (tests/cluster/: containers from compose.yml): start it once, describe
+it, act on it.
 
     from tests.cluster.harness import ensure_cluster, run_as_user, accounting
 
-`ensure_cluster(repo_dir)` runs install.sh and up.sh (once per process) and returns a `TestCluster` read from
-`$STATE/cluster.json`. Everything here needs root: the cluster lives in network namespaces.
+`ensure_cluster(repo_dir)` runs prepare.sh, `docker-compose up -d` (unless pytest-docker already did:
+tests/conftest.py) and check.sh, once per process, and returns a `TestCluster` read from `$STATE/cluster.json`.
+Everything here needs root: Docker, iptables, tc.
 """
 
 from __future__ import annotations
@@ -50,19 +52,21 @@ class TestCluster:
     state_dir: str
     path: str = ""
     login_node: str = "login1"
-    compute_ip: str = "10.211.0.2"
+    controller: str = "slurmctl"
+    compute_ip: str = "10.211.0.11"
     gpus: int = 4
     cpus: int = 8
     cluster_name: str = "hpcseg"
-    netns_login: str = "hpcseg-login"
-    netns_compute: str = "hpcseg-compute"
-    # every compute node (compute1 is `compute_node` above): name -> address, name -> network namespace
+    # every compute node (compute1 is `compute_node` above): name -> address
     compute_nodes: list = field(default_factory=lambda: ["compute1"])
     compute_ips: dict = field(default_factory=dict)
-    netns_computes: dict = field(default_factory=dict)
+    # every node (login1, slurmctl, compute1, compute2) -> its container's name
+    containers: dict = field(default_factory=dict)
+    compose_file: str = ""
+    compose_project: str = ""
     link_devices: list = field(default_factory=list)
     scripts_dir: str = str(HERE)
-    # the second login sshd (up.sh): publickey then keyboard-interactive (a one-time code checked by real PAM)
+    # the second login sshd (port 2222): publickey then keyboard-interactive (a one-time code checked by real PAM)
     mfa_port: int = 0
     otp_path: str = ""  # the code it accepts (root-only file)
     mfa_pam_service: str = ""
@@ -94,6 +98,15 @@ class TestCluster:
     def set_link(self, slow: bool, rate: str = "100mbit") -> None:
         link(self, slow, rate)
 
+    def node_exec(self, node: str, argv, **kw) -> subprocess.CompletedProcess:
+        return node_exec(self, node, argv, **kw)
+
+    def daemon(self, node: str, action: str, name: str, **kw) -> subprocess.CompletedProcess:
+        return daemon(self, node, action, name, **kw)
+
+    def container_pid(self, node: str) -> int:
+        return container_pid(self, node)
+
 
 _lock = threading.Lock()
 _cache: dict[str, TestCluster | RuntimeError] = {}
@@ -119,11 +132,13 @@ def _run_script(args: list[str], what: str, timeout: float, state: str | None = 
     return res.stdout
 
 
-def ensure_cluster(repo_dir: str | os.PathLike | None = None, *, timeout: float = 1800) -> TestCluster:
-    """Install and start the test cluster once per process; return its description.
+def ensure_cluster(repo_dir: str | os.PathLike | None = None, *, started: bool = False,
+                   timeout: float = 1800) -> TestCluster:
+    """Prepare, start and check the test cluster once per process; return its description.
 
-    Raises RuntimeError with the reason (not root, or the scripts' output tail) when it cannot be had.
-    A failure is remembered: later calls raise the same error at once.
+    `started`: the containers are already up (pytest-docker's ``docker_services`` ran ``docker-compose up``
+    after :func:`prepare`): only check.sh runs. Raises RuntimeError with the reason (not root, or the scripts'
+    output tail) when it cannot be had. A failure is remembered: later calls raise the same error at once.
     """
     repo = str(Path(repo_dir or HERE.parent.parent).resolve())
     with _lock:
@@ -133,21 +148,30 @@ def ensure_cluster(repo_dir: str | os.PathLike | None = None, *, timeout: float 
         if cached is not None:
             return cached
         try:
-            if os.geteuid() != 0:
-                raise RuntimeError(
-                    "test cluster: needs root (apt-get, network namespaces, daemons as other users); "
-                    f"running as uid {os.geteuid()}. Run the tests as root (CI does).")
-            _run_script([_script("install.sh")], "install.sh", timeout)
-            _run_script([_script("up.sh"), repo], "up.sh", timeout)
+            if not started:
+                prepare(repo, timeout=timeout)
+                _run_script(["-c", f'source "{_script("lib.sh")}"; compose up -d 9>&-'], "docker-compose up",
+                            timeout)
+            _run_script([_script("check.sh")], "check.sh", timeout)
             cluster = TestCluster.load()
             venv = os.environ.get("HPCSEG_CLUSTER_VENV")
-            if venv:  # this checkout's own venv (up.sh built it); cluster.json names whichever up.sh ran last
+            if venv:  # this checkout's own venv (prepare.sh built it); cluster.json names whichever ran last
                 cluster.venv, cluster.python = venv, f"{venv}/bin/python"
         except RuntimeError as e:
             _cache[repo] = e
             raise
         _cache[repo] = cluster
         return cluster
+
+
+def prepare(repo_dir: str | os.PathLike | None = None, *, timeout: float = 1800) -> None:
+    """prepare.sh: packages, Docker, the node image, the state dir, the cluster's venv (what `up` needs)."""
+    if os.geteuid() != 0:
+        raise RuntimeError(
+            "test cluster: needs root (Docker, iptables, tc, the cluster's state dir); "
+            f"running as uid {os.geteuid()}. Run the tests as root (CI does).")
+    repo = str(Path(repo_dir or HERE.parent.parent).resolve())
+    _run_script([_script("prepare.sh"), repo], "prepare.sh", timeout)
 
 
 def ssh_argv(cluster: TestCluster, *command: str, key: str | None = None, options: tuple[str, ...] = ()) -> list[str]:
@@ -159,7 +183,7 @@ def ssh_argv(cluster: TestCluster, *command: str, key: str | None = None, option
 
 def run_as_user(cluster: TestCluster, argv, *, input: str | None = None, timeout: float = 60,
                 check: bool = False) -> subprocess.CompletedProcess:
-    """Run argv as the test user on the login node (its namespace, hosts file, SLURM_CONF), without SSH.
+    """Run argv as the test user on the login node (docker exec into its container), without SSH.
 
     Returns the CompletedProcess with text stdout/stderr; e.g. run_as_user(c, ["squeue", "-h", "-j", job_id]).
     """
@@ -183,3 +207,47 @@ def link(cluster: TestCluster, slow: bool, rate: str = "100mbit") -> None:
     """Throttle the client<->login link like a laptop's (both directions), or make it fast again."""
     args = ["slow", rate] if slow else ["fast"]
     _run_script([_script("link.sh"), *args], f"link.sh {' '.join(args)}", 60, cluster.state_dir)
+
+
+def node_exec(cluster: TestCluster, node: str, argv, *, user: str | None = None, input: str | None = None,
+              timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess:
+    """Run argv inside a node's container (as root, or `user`), e.g. node_exec(c, "compute1", ["ps", "-ef"])."""
+    if isinstance(argv, str):
+        argv = ["bash", "-c", argv]
+    who = ["-u", user, "-e", f"USER={user}", "-e", f"HOME=/home/{user}"] if user else []
+    return subprocess.run(["/usr/bin/docker", "exec", "-i", *who, cluster.containers[node], *map(str, argv)],
+                          input=input, capture_output=True, text=True, timeout=timeout, check=check,
+                          stdin=None if input is not None else subprocess.DEVNULL)
+
+
+def daemon(cluster: TestCluster, node: str, action: str, name: str, *,
+           timeout: float = 120) -> subprocess.CompletedProcess:
+    """A node's daemon through its container (tests/cluster/node/node-daemon.sh), by its pid file:
+    `action` start|stop|restart|status|pid, `name` sshd, sshd-mfa, slurmctld, slurmdbd, slurmd, mariadb, munged."""
+    return node_exec(cluster, node, ["node-daemon", action, name], timeout=timeout)
+
+
+def container_pid(cluster: TestCluster, node: str) -> int:
+    """The host pid of a node container's init (its namespaces: /proc/PID/ns/net ...)."""
+    out = subprocess.run(["/usr/bin/docker", "inspect", "-f", "{{.State.Pid}}", cluster.containers[node]],
+                         capture_output=True, text=True, check=True, timeout=30)
+    return int(out.stdout.strip())
+
+
+def host_pid(cluster: TestCluster, node: str, pid: int) -> int:
+    """The host's pid of the process that is `pid` inside a node's container (its pid namespace), read from the
+    NSpid lines of /proc: e.g. a server pid from a connection file, to look at its namespaces from the machine."""
+    ns = os.readlink(f"/proc/{container_pid(cluster, node)}/ns/pid")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(entry / "ns" / "pid") != ns:
+                continue
+            nspid = next(line.split()[1:] for line in (entry / "status").read_text().splitlines()
+                         if line.startswith("NSpid:"))
+        except (OSError, StopIteration):
+            continue
+        if nspid and int(nspid[-1]) == pid:
+            return int(entry.name)
+    raise LookupError(f"no process {pid} in {node}'s container")

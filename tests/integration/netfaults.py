@@ -1,14 +1,15 @@
 """Real network faults on the shared test cluster, each confined to ONE test's own SSH connection or kept short.
 
 - :func:`blackhole`: packets of one SSH connection (its local port to the login sshd) silently dropped both ways by
-  iptables rules in the root namespace (where the client runs), as a laptop changing Wi-Fi or a NAT that forgot
+  iptables rules on this machine (where the client runs), as a laptop changing Wi-Fi or a NAT that forgot
   the mapping: no reset, nothing. Other connections (other helpers' tests) are untouched. Removed in ``finally``.
 - :func:`kill_session`: the login node's sshd processes serving one connection (found by its client port with
-  ``ss`` in the login namespace) are killed: the connection ends with a reset, as when a session is killed.
-- :func:`restart_sshd`: the listening login sshd is stopped by its pid and started again the way
-  tests/cluster/up.sh starts it (sessions already open are separate processes and survive).
-- :func:`stop_slurmctld` / :func:`start_slurmctld`: the controller stopped by its pid and started again with
-  tests/cluster/lib.sh's own ``start_slurmctld``.
+  ``ss`` in the login container's network namespace) are killed by pid: the connection ends with a reset, as when
+  a session is killed.
+- :func:`restart_sshd`: the listening login sshd is stopped by its pid file and started again inside the login
+  container (tests/cluster/node/node-daemon.sh; sessions already open are separate processes and survive).
+- :func:`stop_slurmctld` / :func:`start_slurmctld`: the controller stopped by its pid file and started again,
+  inside the controller's container.
 """
 
 from __future__ import annotations
@@ -20,12 +21,10 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-LOGIN_NS = "hpcseg-login"
-CLUSTER_DIR = Path(__file__).resolve().parents[1] / "cluster"
+from tests.cluster.harness import TestCluster, container_pid, daemon, run_as_user
 
 
 def have_iptables() -> bool:
@@ -71,16 +70,19 @@ def blackhole_login(cluster):
                       ["INPUT", "-p", "tcp", "-s", cluster.host, "--sport", str(cluster.port), "-j", "DROP"]])
 
 
-def session_pids(port: int) -> list[int]:
-    """Pids of the login sshd processes that hold the connection coming from client port ``port``."""
-    out = subprocess.run(["ip", "netns", "exec", LOGIN_NS, "ss", "-tnpH", "state", "established",
-                          f"( dport = :{port} )"], capture_output=True, text=True).stdout
+def session_pids(cluster: TestCluster, port: int) -> list[int]:
+    """Host pids of the login sshd processes that hold the connection from client port ``port``: ``ss`` run in the
+    login container's network namespace (nsenter), mapping sockets to processes through the host's /proc (inside
+    the container, sshd's non-dumpable processes hide their sockets from a root without CAP_SYS_PTRACE)."""
+    net = f"/proc/{container_pid(cluster, cluster.login_node)}/ns/net"
+    out = subprocess.run(["nsenter", f"--net={net}", "ss", "-tnpH", "state", "established", f"( dport = :{port} )"],
+                         capture_output=True, text=True, timeout=30).stdout
     return sorted({int(p) for p in re.findall(r"pid=(\d+)", out)})
 
 
-def kill_session(port: int) -> list[int]:
-    """Kill the sshd processes serving the connection from client ``port`` (the connection resets)."""
-    pids = session_pids(port)
+def kill_session(cluster: TestCluster, port: int) -> list[int]:
+    """Kill the sshd processes serving the connection from client ``port`` by their pids (the connection resets)."""
+    pids = session_pids(cluster, port)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -91,62 +93,39 @@ def _state(cluster) -> Path:
     return Path(getattr(cluster, "state_dir", "/var/lib/hpcseg-testcluster"))
 
 
-def _pid(path: Path, comm: str) -> int | None:
-    try:
-        pid = int(path.read_text().split()[0])
-        if Path(f"/proc/{pid}/comm").read_text().strip() == comm:
-            return pid
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+def _daemon(cluster: TestCluster, node: str, action: str, name: str) -> None:
+    res = daemon(cluster, node, action, name)
+    if res.returncode != 0:
+        raise RuntimeError(f"node-daemon {action} {name} on {node} failed: {res.stderr[-2000:]}")
 
 
-def _lib(script: str, timeout: float = 60) -> None:
-    subprocess.run(["bash", "-c", f"source {CLUSTER_DIR / 'lib.sh'}; {script}"], check=True, capture_output=True,
-                   timeout=timeout)
-
-
-def _stop(pid: int, timeout: float = 10) -> None:
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if Path(f"/proc/{pid}").exists():
-        os.kill(pid, signal.SIGKILL)
-
-
-def restart_sshd(cluster) -> None:
-    """Stop the listening login sshd by its pid and start it again as up.sh does (open sessions survive)."""
-    run = _state(cluster) / "run"
-    pid = _pid(run / "sshd.pid", "sshd")
-    if pid is None:
+def restart_sshd(cluster: TestCluster) -> None:
+    """Stop the listening login sshd by its pid file and start it again (open sessions survive)."""
+    if daemon(cluster, cluster.login_node, "status", "sshd").returncode != 0:
         raise RuntimeError("the login sshd's pid file names no running sshd")
-    _stop(pid)
-    _lib('start_daemon sshd "$NS_LOGIN" "$LOGIN_HOST" /usr/sbin/sshd -f "$SSHD_CONFIG" -E "$LOG/sshd.log"; '
-         'wait_until 20 "sshd pid file" pid_ok "$RUN/sshd.pid" sshd "$NS_LOGIN"')
+    _daemon(cluster, cluster.login_node, "restart", "sshd")
 
 
-def slurmctld_pid(cluster) -> int | None:
-    return _pid(_state(cluster) / "run" / "slurm" / "slurmctld.pid", "slurmctld")
+def slurmctld_pid(cluster: TestCluster) -> int | None:
+    """slurmctld's pid inside the controller's container, or None when it does not run."""
+    res = daemon(cluster, cluster.controller, "pid", "slurmctld")
+    return int(res.stdout) if res.returncode == 0 and res.stdout.strip().isdigit() else None
 
 
-def stop_slurmctld(cluster) -> None:
-    pid = slurmctld_pid(cluster)
-    if pid is None:
-        raise RuntimeError("slurmctld's pid file names no running slurmctld")
-    _stop(pid)
-
-
-def start_slurmctld(cluster) -> None:
-    """Start the controller with lib.sh's own function (no-op when it runs)."""
+def stop_slurmctld(cluster: TestCluster) -> None:
     if slurmctld_pid(cluster) is None:
-        _lib("start_slurmctld", timeout=90)
+        raise RuntimeError("slurmctld's pid file names no running slurmctld")
+    _daemon(cluster, cluster.controller, "stop", "slurmctld")
 
 
-def queue_ids(cluster, user: str | None = None) -> list[str]:
+def start_slurmctld(cluster: TestCluster) -> None:
+    """Start the controller again (no-op when it runs)."""
+    _daemon(cluster, cluster.controller, "start", "slurmctld")
+
+
+def queue_ids(cluster: TestCluster, user: str | None = None) -> list[str]:
     """Job ids squeue lists for the test user (slurmctld must be up)."""
-    out = subprocess.run(["squeue", "-h", "-o", "%i", "-u", user or cluster.user], capture_output=True, text=True,
-                         env={"SLURM_CONF": cluster.slurm_conf, "PATH": "/usr/bin:/bin"}, timeout=30)
+    out = run_as_user(cluster, ["squeue", "-h", "-o", "%i", "-u", user or cluster.user], timeout=30)
     return out.stdout.split()
 
 

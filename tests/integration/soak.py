@@ -92,7 +92,7 @@ class _Faults(threading.Thread):
 
     def _kill(self) -> None:
         port = _transport_port(self.shell)
-        if port is not None and netfaults.kill_session(port):
+        if port is not None and netfaults.kill_session(self.cluster, port):
             self.counts.kills += 1
             self.say(f"  fault: killed the SSH session (client port {port})")
 

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from hpcseg.cli import main
 from hpcseg.phantoms import make_phantom
 from hpcseg.server.models import ModelManifest, builtin_models_dir
-from tests.cluster.harness import run_as_user
+from tests.cluster.harness import host_pid, run_as_user
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -67,7 +67,7 @@ def make_cli(cluster, image: str, scheduler: str, **extra: str):
 
 
 def server_process(cluster, job_dir: str) -> int:
-    """The server's pid from its connection file (ch-run makes no pid namespace: it is the machine's pid)."""
+    """The server's pid from its connection file (ch-run makes no pid namespace: it is the compute node's pid)."""
     out = run_as_user(cluster, ["cat", f"{job_dir}/connection.json"])
     assert out.returncode == 0, out.stderr
     return int(json.loads(out.stdout)["pid"])
@@ -87,12 +87,14 @@ def assert_runs_in_image(cluster, job_id: str, pid: int, image: str) -> None:
     assert len(rows) == 1 and rows[0][1] == str(pid), ps.stdout
     user, _, _, args = rows[0]
     assert user == cluster.user and "-m hpcseg.server" in args, ps.stdout
-    # From the machine's side: not root, in the compute node's network, in a user namespace of its own (ch-run is
-    # unprivileged), with the image as its root file system and the image's torch loaded.
+    # From the machine's side (the same process by its host pid): not root, in the compute node's network, in a
+    # user namespace of its own (ch-run is unprivileged), with the image as its root file system and the image's
+    # torch loaded.
+    pid = host_pid(cluster, node, pid)
     status = Path(f"/proc/{pid}/status").read_text()
     uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
     assert int(uid) == int(run_as_user(cluster, ["id", "-u"]).stdout) != 0
-    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{cluster.netns_computes[node]}").st_ino
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/proc/{cluster.container_pid(node)}/ns/net").st_ino
     assert os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
     root = Path(f"/proc/{pid}/root")
     assert (root / "ch/environment").is_file() and (root / "opt/hpcseg/test.sh").is_file()

@@ -29,8 +29,7 @@ def _jobs(cluster, ssh_shell, tmp_path, tag: str, **over) -> JobManager:
 def _gone_from_squeue(cluster, job_id: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                             env={"SLURM_CONF": cluster.slurm_conf, "PATH": "/usr/bin:/bin"}, timeout=60)
+        out = cluster.run_as_user(["squeue", "-h", "-j", job_id, "-o", "%T"], timeout=60)
         if out.returncode == 0 and not out.stdout.strip():
             return
         time.sleep(1)

@@ -126,12 +126,12 @@ def test_forgotten_job_resolved_by_exit_code_file_without_accounting(cluster, jo
 
 @contextlib.contextmanager
 def _slurmctld_stopped():
-    """slurmctld stopped by its pid file and started again, with tests/cluster/lib.sh's own functions
-    (stop_slurmctld, then ensure_slurmctld in a finally), holding the cluster's lock all along: the cluster is
-    shared, and another checkout's up.sh must not start the controller again while this test wants it down."""
+    """slurmctld stopped by its pid file inside the controller's container and started again the same way
+    (tests/cluster/node/node-daemon.sh, in a finally), holding the cluster's lock all along: the cluster is
+    shared, and another process's check.sh must not start the controller again while this test wants it down."""
     lib = Path(__file__).resolve().parent.parent / "cluster" / "lib.sh"
-    script = ('source "$1" && require_root && take_lock && stop_slurmctld && echo stopped && read -r _; '
-              'ensure_slurmctld && echo started')
+    script = ('source "$1" && require_root && take_lock && on "$CTL_HOST" node-daemon stop slurmctld && echo stopped '
+              '&& read -r _; on "$CTL_HOST" node-daemon start slurmctld && echo started')
     proc = subprocess.Popen(["bash", "-c", script, "lib", str(lib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -146,9 +146,8 @@ def test_failed_query_reads_unknown_never_finished(cluster, jobs_for):
     jm = jobs_for("slurm")
     rec = run_job(jm, "sleep", "120")
     jm.wait(rec.job_id, lambda s: s.state is JobState.RUNNING, timeout=120)
-    # Stop the controller for real: every query now fails the way a busy or down slurmctld does. By its pid file,
-    # as tests/cluster/lib.sh does (network namespaces do not isolate pids: `pkill -x slurmctld` inside one
-    # would kill every slurmctld on the machine), under the cluster's lock; started again the same way.
+    # Stop the controller for real: every query now fails the way a busy or down slurmctld does. By its pid file
+    # in its container (never by process name), under the cluster's lock; started again the same way.
     with _slurmctld_stopped():
         st = jm.status([rec.job_id])[rec.job_id]
         assert st.state is JobState.UNKNOWN and not st.state.terminal

@@ -32,16 +32,13 @@ def _jobs(cluster, tmp_path, tag: str, **over) -> JobManager:
 
 def _our_jobs(cluster, tag: str) -> list[str]:
     """squeue's jobs (any state) whose working directory lies in this test's work dir."""
-    import subprocess
-
-    out = subprocess.run(["squeue", "-h", "-u", cluster.user, "-o", "%i %Z"], capture_output=True, text=True,
-                         env={"SLURM_CONF": cluster.slurm_conf, "PATH": "/usr/bin:/bin"}, timeout=60, check=True)
+    out = cluster.run_as_user(["squeue", "-h", "-u", cluster.user, "-o", "%i %Z"], timeout=60, check=True)
     return [line.split()[0] for line in out.stdout.splitlines() if f"/.hpcseg-{tag}/" in line]
 
 
 @pytest.fixture
 def outage(cluster):
-    """Stop slurmctld by its pid; always start it again (lib.sh's start_slurmctld) at the end."""
+    """Stop slurmctld by its pid file in its container; always start it again at the end."""
     state = {"stopped": False}
 
     def stop():

@@ -116,7 +116,9 @@ def test_token_stays_secret(server, cluster):
     mode = jm.shell.run(["stat", "-c", "%a", f"{job_dir}/connection.json"], check=True).stdout.strip()
     assert mode == "600"
     token = server.info.token
-    ps = jm.shell.run(["ps", "-eo", "args"], check=True).stdout
+    # every process's command line on the node the server runs on (the compute node's own process list)
+    node = cluster.run_as_user(["squeue", "-h", "-j", server.record.job_id, "-o", "%N"], check=True).stdout.strip()
+    ps = cluster.node_exec(node, ["ps", "-eo", "args"], check=True).stdout
     assert "hpcseg.server" in ps and token not in ps
     for name in ("job.sh", "job.out", "job.err", "server.log"):
         text = jm.shell.read_text(f"{job_dir}/{name}") or ""

@@ -11,6 +11,7 @@ exists on these machines), brought onto PATH by a folder with a `bin/activate` t
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import shlex
 import time
@@ -138,27 +139,30 @@ def user_config(tmp_path, cluster, monkeypatch):
 
 
 @pytest.fixture
-def admin_location():
-    """Point the login node's admin location (/etc/hpcseg/site; the login node shares this machine's file system)
-    at a bundle for one test, as an admin's symlink does; removed afterwards. Refuses to replace a real one."""
-    link = Path(ADMIN_SITE)
-    made: list[Path] = []
+def admin_location(cluster):
+    """Point the login node's admin location (/etc/hpcseg/site, inside the login node's container) at a bundle for
+    one test, as an admin's symlink does (root on the login node); removed afterwards. Refuses to replace a real
+    one."""
+    made: list[str] = []
+
+    def root(script: str, *args: str):
+        return cluster.node_exec(cluster.login_node, ["sh", "-c", script, "sh", *args], timeout=30)
 
     def point(site: str) -> None:
-        if link.is_symlink() or link.exists():
-            pytest.fail(f"{link} exists on this machine already: not replacing an admin's bundle for a test")
-        if not link.parent.exists():
-            link.parent.mkdir(parents=True)
-            made.append(link.parent)
-        link.symlink_to(site)
-        made.insert(0, link)
+        if root('test -e "$1" || test -L "$1"', ADMIN_SITE).returncode == 0:
+            pytest.fail(f"{ADMIN_SITE} exists on the login node already: not replacing an admin's bundle for a test")
+        parent = os.path.dirname(ADMIN_SITE)
+        if root('test -d "$1"', parent).returncode != 0:
+            res = root('mkdir -p "$1"', parent)
+            assert res.returncode == 0, res.stderr
+            made.append(parent)
+        res = root('ln -s "$1" "$2"', site, ADMIN_SITE)
+        assert res.returncode == 0, res.stderr
+        made.insert(0, ADMIN_SITE)
 
     yield point
     for p in made:
-        if p.is_symlink():
-            p.unlink()
-        elif p.is_dir():
-            p.rmdir()
+        root('if [ -L "$1" ]; then rm -f "$1"; elif [ -d "$1" ]; then rmdir "$1"; fi', p)
 
 
 def cli(*args: str):

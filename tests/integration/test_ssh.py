@@ -96,7 +96,8 @@ def test_wrong_key_is_one_clear_line(cluster):
 
 
 def test_unreachable_host_is_one_clear_line(cluster):
-    # 10.211.0.0/24 is the compute subnet: routed `unreachable` in this namespace, so nothing leaves the machine.
+    # 10.211.0.0/24 is the cluster's internal network: routed `unreachable` on this machine (the client), so nothing
+    # leaves it; 10.211.0.2 is the login node's own address there, which a client cannot reach either.
     sh = SSHShell("10.211.0.2", user=cluster.user, identity_file=cluster.key_path, interactive=False,
                   connect_timeout=3)
     with pytest.raises(ConnectionFailed) as err:

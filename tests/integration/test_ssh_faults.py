@@ -70,7 +70,7 @@ def test_watchdog_closes_a_dead_connection_and_ends_its_channels(cluster, iptabl
 def test_killed_session_reconnects_once(cluster):
     with shell(cluster, keepalive=5) as sh:
         sh.run("true", check=True)
-        killed = netfaults.kill_session(netfaults.local_port(sh))
+        killed = netfaults.kill_session(cluster, netfaults.local_port(sh))
         assert killed, "ss found no sshd process for this connection"
         # at once, while paramiko may not have seen the reset yet: the open fails, the connection is checked
         out = sh.run("echo after-kill", check=True).stdout.strip()

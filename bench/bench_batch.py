@@ -1,7 +1,7 @@
 """A cohort as one job array vs. the same cases through sequential ``hpcseg segment`` calls, on the test cluster.
 
 On the real test cluster (tests/cluster, ``ensure_cluster()``; one compute node, compute1, 8 CPUs on the
-machine's shared cores; the client<->login link as up.sh leaves it, fast), with ``ct-body``:
+machine's shared cores; the client<->login link as check.sh leaves it, fast), with ``ct-body``:
 
 1. makes N synthetic CTs (default 16 of 256×256×120 int16, ``hpcseg.phantoms.make_phantom``, different seeds);
 2. baseline: N ``hpcseg -p bench segment CT -o MASK --model ct-body`` processes one after another, as a shell

@@ -20,7 +20,7 @@ like a laptop's (``link(cluster, True)``: tbf 100 Mbit/s on both ends), this:
 Two ratios are printed, both over the raw image upload on the same link: the whole round trip (the model's own
 time included), and its transfer part (round trip minus the server's total: encode, upload, server decode,
 download, decode); under 1 means compression more than pays for its CPU time. Nothing asserts on time. The
-shared cluster's link can be reset to fast by another process's up.sh: each timed step is checked and measured
+shared cluster's link can be reset to fast by another process's check.sh: each timed step is checked and measured
 again if that happened. The link is made fast again, the jobs cancelled and the files removed in ``finally``.
 
 Run as root (the cluster is Docker containers), 3-6 minutes on 2 cores (mostly the model)::

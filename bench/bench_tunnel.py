@@ -129,7 +129,7 @@ def link_state(cluster) -> str:
 class LinkGuard:
     """Keeps the link as wanted around each measurement, and measures again when it changed meanwhile.
 
-    The test cluster is shared: another process's ``ensure_cluster()`` runs up.sh, which makes the link fast.
+    The test cluster is shared: another process's ``ensure_cluster()`` runs check.sh, which makes the link fast.
     ``run(fn)`` sets the link if needed, runs ``fn`` and checks the link is still as wanted; if not, it warns and
     runs ``fn`` again (``tries`` in all), so no figure is taken on the wrong link.
     """
@@ -154,7 +154,7 @@ class LinkGuard:
             if state == self.want:
                 return out
             self.redone += 1
-            print(f"  warning: the link became {state} during {what} (another process ran up.sh or link.sh?); "
+            print(f"  warning: the link became {state} during {what} (another process ran check.sh or link.sh?); "
                   "measuring again", file=sys.stderr, flush=True)
         raise RuntimeError(f"the link kept changing during {what}: no figure taken")
 

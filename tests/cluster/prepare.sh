@@ -13,6 +13,14 @@ T0=$(date +%s)
 take_lock
 
 bash "$CLUSTER_DIR/install.sh" || die "install.sh failed"
+# The earlier namespace cluster of this project held 10.210.0.1 on a veth (hpcseg-r) and a route to 10.212.0.0/24:
+# gone, or Docker cannot make the "front" network (its subnet would overlap)
+if ip link show hpcseg-r >/dev/null 2>&1; then
+  log "removing the old namespace test cluster's link (hpcseg-r) and namespaces"
+  ip link del hpcseg-r 2>/dev/null || true
+  for ns in hpcseg-login hpcseg-compute hpcseg-compute2; do ip netns del "$ns" 2>/dev/null || true; done
+  ip route del unreachable 10.212.0.0/24 2>/dev/null || true
+fi
 bash "$CLUSTER_DIR/docker.sh" up 9>&- || die "docker.sh up failed"
 
 # ---- the cluster's Python environment (software tree): built in the background meanwhile -----------------------

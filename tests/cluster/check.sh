@@ -15,15 +15,13 @@ for n in $NODES; do running "$n" || die "container $(container_of "$n") is not r
 ip route replace unreachable "$CLUSTER_NET"
 
 # a config changed since these containers started: restart them (their entrypoints start the daemons again)
-conf_sha=$( { cat "$SLURM_DIR/slurmctld.conf" "$SLURM_DIR/gres.conf" "$SLURM_DIR/plugstack.conf" "$SLURM_DIR/slurmdbd.conf" \
-              "$NODE_CFG/my.cnf" "$SSHD_DIR/sshd_config" "$SSHD_DIR/sshd_config.mfa" "$NODE_CFG/munge.key";
-            for n in $NODES; do "$DOCKER" inspect -f '{{.Id}}' "$(container_of "$n")"; done; } | sha256sum | cut -c1-64)
-if [ -f "$STATE/containers.sha" ] && [ "$(cat "$STATE/containers.sha")" != "$conf_sha" ]; then
-  started=$(for n in $NODES; do "$DOCKER" inspect -f '{{.Id}}' "$(container_of "$n")"; done | sha256sum | cut -c1-64)
-  if [ "$(cat "$STATE/containers.ids" 2>/dev/null)" = "$started" ]; then
-    log "the cluster's configs changed since its containers started: restarting them"
-    compose restart 9>&- >/dev/null 2>&1 || die "docker-compose restart failed"
-  fi
+ids=$(for n in $NODES; do "$DOCKER" inspect -f '{{.Id}}' "$(container_of "$n")"; done | sha256sum | cut -c1-64)
+conf_sha=$(cat "$SLURM_DIR/slurmctld.conf" "$SLURM_DIR/gres.conf" "$SLURM_DIR/plugstack.conf" "$SLURM_DIR/slurmdbd.conf" \
+               "$NODE_CFG/my.cnf" "$SSHD_DIR/sshd_config" "$SSHD_DIR/sshd_config.mfa" "$NODE_CFG/munge.key" \
+           | sha256sum | cut -c1-64)
+if [ "$(cat "$STATE/containers.ids" 2>/dev/null)" = "$ids" ] && [ "$(cat "$STATE/containers.sha")" != "$conf_sha" ]; then
+  log "the cluster's configs changed since its containers started: restarting them"
+  compose restart 9>&- >/dev/null 2>&1 || die "docker-compose restart failed"
 fi
 
 for n in $NODES; do
@@ -31,18 +29,11 @@ for n in $NODES; do
     || { "$DOCKER" logs --tail 40 "$(container_of "$n")" >&2; die "node $n did not start"; }
 done
 
-# repair: start whatever died (each is a no-op when its pid file names a live daemon)
-for d in munged sshd sshd-mfa; do on "$LOGIN_HOST" node-daemon start "$d" || die "$d on $LOGIN_HOST"; done
+# repair: start whatever died (each is a no-op when its pid file names a live daemon); every session starts
+# with accounting on, so the controller's role includes slurmdbd again
+echo on >"$ACCOUNTING_FLAG"; write_slurm_conf
+for n in $NODES; do on "$n" node-daemon start-role || die "the daemons of $n"; done
 MFA_PID=$(on "$LOGIN_HOST" node-daemon pid sshd-mfa)
-on "$CTL_HOST" node-daemon start munged || die "munged on $CTL_HOST"
-on "$CTL_HOST" node-daemon start mariadb || die "mariadb"
-echo on >"$ACCOUNTING_FLAG"; write_slurm_conf      # every session starts with accounting on
-on "$CTL_HOST" node-daemon start slurmdbd || die "slurmdbd"
-on "$CTL_HOST" node-daemon start slurmctld || die "slurmctld"
-for n in $COMPUTE_HOSTS; do
-  on "$n" node-daemon start munged || die "munged on $n"
-  on "$n" node-daemon start slurmd || die "slurmd on $n"
-done
 
 # the link is fast unless a test makes it slow (link.sh slow); a crashed test must not leave it slow
 bash "$CLUSTER_DIR/link.sh" fast >/dev/null 2>&1 || true
@@ -89,6 +80,6 @@ for ip in "$COMPUTE_IP" "$COMPUTE2_IP" "$CTL_IP" "$LOGIN_INNER_IP"; do
 done
 
 echo "$conf_sha" >"$STATE/containers.sha"
-for n in $NODES; do "$DOCKER" inspect -f '{{.Id}}' "$(container_of "$n")"; done | sha256sum | cut -c1-64 >"$STATE/containers.ids"
+echo "$ids" >"$STATE/containers.ids"
 write_cluster_json
 log "cluster checked in $(( ($(date +%s%N) - T0) / 1000000 )) ms: ssh $TEST_USER@$LOGIN_IP (MFA: port $MFA_PORT), nodes $COMPUTE_HOST $(node_state "$COMPUTE_HOST"), $COMPUTE2_HOST $(node_state "$COMPUTE2_HOST")"

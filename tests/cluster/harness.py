@@ -209,13 +209,12 @@ def link(cluster: TestCluster, slow: bool, rate: str = "100mbit") -> None:
     _run_script([_script("link.sh"), *args], f"link.sh {' '.join(args)}", 60, cluster.state_dir)
 
 
-def node_exec(cluster: TestCluster, node: str, argv, *, user: str | None = None, input: str | None = None,
-              timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess:
-    """Run argv inside a node's container (as root, or `user`), e.g. node_exec(c, "compute1", ["ps", "-ef"])."""
+def node_exec(cluster: TestCluster, node: str, argv, *, input: str | None = None, timeout: float = 60,
+              check: bool = False) -> subprocess.CompletedProcess:
+    """Run argv as root inside a node's container, e.g. node_exec(c, "compute1", ["ps", "-ef"])."""
     if isinstance(argv, str):
         argv = ["bash", "-c", argv]
-    who = ["-u", user, "-e", f"USER={user}", "-e", f"HOME=/home/{user}"] if user else []
-    return subprocess.run(["/usr/bin/docker", "exec", "-i", *who, cluster.containers[node], *map(str, argv)],
+    return subprocess.run(["/usr/bin/docker", "exec", "-i", cluster.containers[node], *map(str, argv)],
                           input=input, capture_output=True, text=True, timeout=timeout, check=check,
                           stdin=None if input is not None else subprocess.DEVNULL)
 

@@ -12,25 +12,20 @@ echo "[$(hostname)] starting as $role"
 # munge: the cluster's key (from the state dir, owned by whatever uid munge has here)
 install -d -o munge -g munge -m 0700 /etc/munge
 install -o munge -g munge -m 0400 $CFG/munge.key /etc/munge/munge.key
-node-daemon start munged
 
 case "$role" in
-  login)
-    mount --make-rprivate /   # ch-run (see compute)
-    node-daemon start sshd
-    node-daemon start sshd-mfa ;;
-  controller)
-    node-daemon start mariadb
-    [ "$(cat $CFG/accounting 2>/dev/null || echo on)" = off ] || node-daemon start slurmdbd
-    node-daemon start slurmctld ;;
+  login|compute)
+    # Charliecloud's ch-run (the jobs' container runtime; `hpcseg doctor` on the login node) moves its new root:
+    # it needs private mounts here
+    mount --make-rprivate / ;;&
   compute)
-    # Charliecloud's ch-run (the jobs' container runtime) moves its new root: it needs private mounts here
-    mount --make-rprivate /
     # fake GPUs: character devices (slurmd rejects regular files); gres.conf names them
-    for i in 0 1 2 3; do [ -c /dev/nvidia$i ] || mknod -m 0666 /dev/nvidia$i c 195 $i; done
-    node-daemon start slurmd ;;
+    for i in 0 1 2 3; do [ -c /dev/nvidia$i ] || mknod -m 0666 /dev/nvidia$i c 195 $i; done ;;
+  login|controller) ;;
   *) echo "unknown role $role" >&2; exit 2 ;;
 esac
+echo "$role" >/run/hpcseg/role
+node-daemon start-role   # munged, then the role's daemons (node-daemon.sh: role_daemons)
 touch /run/hpcseg/ready
 echo "[$(hostname)] ready"
 exec sleep infinity

@@ -4,6 +4,8 @@
 #   docker exec hpcseg-login node-daemon restart sshd
 #   node-daemon start|stop|restart|status NAME    NAME: munged sshd sshd-mfa mariadb slurmdbd slurmctld slurmd
 #   node-daemon pid NAME                          the daemon's pid (in this container's pid namespace)
+#   node-daemon start-role                        every daemon of this node's role (/run/hpcseg/role, written by
+#                                                 the entrypoint): at start, and check.sh's repair
 #   node-daemon accounting on|off                 (controller) slurmdbd started + associations / stopped
 #   node-daemon otp-banner | otp-check            the MFA sshd's PAM helpers (pam_exec)
 set -euo pipefail
@@ -152,8 +154,23 @@ associations() {
   "${acm[@]}" -i add user "$u" Account="$a" DefaultAccount="$a" Cluster="$c" >/dev/null
 }
 
+# the daemons of a role, in start order (slurmdbd only while accounting is on)
+role_daemons() {
+  case "$1" in
+    login) echo munged sshd sshd-mfa ;;
+    controller)
+      if [ "$(cat $CFG/accounting 2>/dev/null || echo on)" = off ]; then echo munged mariadb slurmctld
+      else echo munged mariadb slurmdbd slurmctld; fi ;;
+    compute) echo munged slurmd ;;
+    *) die "unknown role $1" ;;
+  esac
+}
+
 case "${1:-}" in
   start) start "$2" ;;
+  start-role)
+    role=$(cat $RUN/role 2>/dev/null) || die "no $RUN/role: the entrypoint has not run"
+    for d in $(role_daemons "$role"); do start "$d"; done ;;
   stop) stop "$2" ;;
   restart) stop "$2"; start "$2" ;;
   status) pid "$2" >/dev/null ;;
@@ -170,5 +187,5 @@ case "${1:-}" in
     code=$(head -c 256 | tr -d '\000\r\n')
     want=$(cat $CFG/sshd/otp 2>/dev/null) || exit 1
     [ -n "$want" ] && [ "$code" = "$want" ] ;;
-  *) echo "usage: node-daemon start|stop|restart|status|pid NAME | accounting on|off" >&2; exit 2 ;;
+  *) echo "usage: node-daemon start|stop|restart|status|pid NAME | start-role | accounting on|off" >&2; exit 2 ;;
 esac

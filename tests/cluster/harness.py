@@ -3,9 +3,9 @@ it, act on it.
 
     from tests.cluster.harness import ensure_cluster, run_as_user, accounting
 
-`ensure_cluster(repo_dir)` runs prepare.sh, `docker-compose up -d` (unless pytest-docker already did:
-tests/conftest.py) and check.sh, once per process, and returns a `TestCluster` read from `$STATE/cluster.json`.
-Everything here needs root: Docker, iptables, tc.
+`ensure_cluster(repo_dir)` runs up.sh (prepare.sh, `docker-compose up -d`, check.sh), or only check.sh when
+pytest-docker already brought the containers up (tests/conftest.py), once per process, and returns a
+`TestCluster` read from `$STATE/cluster.json`. Everything here needs root: Docker, iptables, tc.
 """
 
 from __future__ import annotations
@@ -148,11 +148,11 @@ def ensure_cluster(repo_dir: str | os.PathLike | None = None, *, started: bool =
         if cached is not None:
             return cached
         try:
-            if not started:
-                prepare(repo, timeout=timeout)
-                _run_script(["-c", f'source "{_script("lib.sh")}"; compose up -d 9>&-'], "docker-compose up",
-                            timeout)
-            _run_script([_script("check.sh")], "check.sh", timeout)
+            _need_root()
+            if started:
+                _run_script([_script("check.sh")], "check.sh", timeout)
+            else:  # prepare.sh, docker-compose up -d, check.sh
+                _run_script([_script("up.sh"), repo], "up.sh", timeout)
             cluster = TestCluster.load()
             venv = os.environ.get("HPCSEG_CLUSTER_VENV")
             if venv:  # this checkout's own venv (prepare.sh built it); cluster.json names whichever ran last
@@ -164,12 +164,16 @@ def ensure_cluster(repo_dir: str | os.PathLike | None = None, *, started: bool =
         return cluster
 
 
-def prepare(repo_dir: str | os.PathLike | None = None, *, timeout: float = 1800) -> None:
-    """prepare.sh: packages, Docker, the node image, the state dir, the cluster's venv (what `up` needs)."""
+def _need_root() -> None:
     if os.geteuid() != 0:
         raise RuntimeError(
             "test cluster: needs root (Docker, iptables, tc, the cluster's state dir); "
             f"running as uid {os.geteuid()}. Run the tests as root (CI does).")
+
+
+def prepare(repo_dir: str | os.PathLike | None = None, *, timeout: float = 1800) -> None:
+    """prepare.sh: packages, Docker, the node image, the state dir, the cluster's venv (what `up` needs)."""
+    _need_root()
     repo = str(Path(repo_dir or HERE.parent.parent).resolve())
     _run_script([_script("prepare.sh"), repo], "prepare.sh", timeout)
 

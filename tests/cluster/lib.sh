@@ -21,7 +21,6 @@ COMPUTE_HOST=compute1
 COMPUTE2_HOST=compute2
 COMPUTE_HOSTS="$COMPUTE_HOST $COMPUTE2_HOST"
 LOGIN_IP=10.210.0.2          # on "front": the only cluster address the client reaches
-CLIENT_IP=10.210.0.1         # the host's address on "front"
 LOGIN_INNER_IP=10.211.0.2
 CTL_IP=10.211.0.3
 COMPUTE_IP=10.211.0.11
